@@ -1,0 +1,122 @@
+"""LightningDataModule for labelled sentence pairs: tokenized once, cached, padded per batch."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from minilm_sts.pairs import PairDataError
+from minilm_sts.tokenized import TokenizedPairs, load_tokenized
+
+
+class PairDataset(Dataset):
+    """Index i is pair i; `collate` turns a list of indices into one padded batch of both columns."""
+
+    def __init__(self, pairs: TokenizedPairs, pad_token_id: int = 0):
+        self.pairs = pairs
+        self.pad_token_id = pad_token_id
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> int:
+        return index
+
+    def collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        """Rows 0..B-1 hold sentence A of each pair and rows B..2B-1 sentence B, so one encoder call embeds
+        both columns; the batch is padded to its longest sentence."""
+        rows = [2 * i for i in indices] + [2 * i + 1 for i in indices]
+        sentences = [self.pairs.sentence(k) for k in rows]
+        width = max(len(s) for s in sentences)
+        input_ids = np.full((len(rows), width), self.pad_token_id, dtype=np.int64)
+        attention_mask = np.zeros((len(rows), width), dtype=np.int64)
+        for row, ids in enumerate(sentences):
+            input_ids[row, : len(ids)] = ids
+            attention_mask[row, : len(ids)] = 1
+        return {
+            "input_ids": torch.from_numpy(input_ids),
+            "attention_mask": torch.from_numpy(attention_mask),
+            "labels": torch.from_numpy(np.asarray(self.pairs.labels[indices], dtype=np.float32)),
+        }
+
+
+class PairDataModule(L.LightningDataModule):
+    """Sentence pairs with a similarity label in [0, 1] (after dividing by `label_scale`).
+
+    Args:
+        train_path, val_path, test_path: a `.csv`, `.tsv`, `.jsonl` or `.parquet` file, `builtin:stsb/SPLIT`
+            for the packaged STS Benchmark, or `hf:NAME[:CONFIG]:SPLIT` for a Hugging Face dataset.
+        sentence_columns: the two text columns; by default `sentence_0, sentence_1` or `sentence1, sentence2`.
+        label_column: by default `label` or `score`.
+        label_scale: labels are divided by this (5.0 for raw STS-B scores 0-5).
+        batch_size: pairs per batch.
+        num_workers: DataLoader worker processes.
+        seed: seeds the training shuffle.
+    """
+
+    def __init__(
+        self,
+        train_path: Optional[str] = "builtin:stsb/train",
+        val_path: Optional[str] = "builtin:stsb/dev",
+        test_path: Optional[str] = "builtin:stsb/test",
+        sentence_columns: Optional[list[str]] = None,
+        label_column: Optional[str] = None,
+        label_scale: float = 1.0,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        seed: int = 42,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.tokenizer = None
+        self.max_seq_length: Optional[int] = None
+        self.datasets: dict[str, PairDataset] = {}
+
+    def setup(self, stage: str) -> None:
+        if self.tokenizer is None:  # the model owns the tokenizer and the max length
+            model = self.trainer.lightning_module
+            self.tokenizer, self.max_seq_length = model.tokenizer, model.hparams.max_seq_length
+        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage, ())
+        for split in wanted:
+            if split not in self.datasets:
+                self.datasets[split] = self._load(split)
+
+    def _load(self, split: str) -> PairDataset:
+        source = getattr(self.hparams, f"{split}_path")
+        if source is None:
+            raise PairDataError(f"no {split} data: set --data.{split}_path")
+        h = self.hparams
+        pairs = load_tokenized(source, self.tokenizer, self.max_seq_length, h.sentence_columns, h.label_column, h.label_scale)
+        if split != "train":
+            _check_correlation_defined(source, pairs)
+        return PairDataset(pairs, self.tokenizer.pad_token_id)
+
+    def train_dataloader(self) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.hparams.seed)
+        return self._loader("train", shuffle=True, generator=generator)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def _loader(self, split: str, **kwargs) -> DataLoader:
+        dataset = self.datasets[split]
+        return DataLoader(dataset, batch_size=self.hparams.batch_size, collate_fn=dataset.collate,
+                          num_workers=self.hparams.num_workers, persistent_workers=self.hparams.num_workers > 0, **kwargs)
+
+
+def _check_correlation_defined(source: str, pairs: TokenizedPairs) -> None:
+    """Pearson and Spearman need at least two rows and two distinct labels."""
+    if len(pairs) < 2:
+        raise PairDataError(f"{source}: an evaluation set needs at least 2 pairs, got {len(pairs)}")
+    if np.all(pairs.labels == pairs.labels[0]):
+        raise PairDataError(
+            f"{source}: every label equals {float(pairs.labels[0]):g}, so the correlation of cosine with label is "
+            "undefined; an evaluation set needs at least two distinct labels"
+        )

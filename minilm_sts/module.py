@@ -1,0 +1,210 @@
+"""SentenceEmbedder: the LightningModule that fine-tunes a BERT sentence embedder with cosine-MSE."""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from pathlib import Path
+from typing import Literal, Optional, Sequence
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.fabric.plugins.precision.amp import _optimizer_handles_unscaling
+
+from minilm_sts.encoder import BertConfig, BertEncoder
+from minilm_sts.pretrained import DEFAULT_MODEL, resolve_pretrained
+from minilm_sts.similarity import correlation_metrics, cosine_mse_loss, mean_pool
+
+TOKENIZER_CHECKPOINT_KEY = "minilm_sts_tokenizer_files"
+
+
+class SentenceEmbedder(L.LightningModule):
+    """Mean-pooled BERT sentence embeddings trained so that cos(u, v) regresses the pair's label.
+
+    Args:
+        pretrained: a Hugging Face Hub id or a local model folder (config.json, model.safetensors, tokenizer).
+        max_seq_length: sentences are truncated to this many tokens, [CLS] and [SEP] included.
+        lr: peak learning rate of AdamW.
+        weight_decay: AdamW weight decay.
+        decay_bias_and_norm: also decay biases and LayerNorm weights (the usual recipe exempts them).
+        warmup_steps: linear warmup length in optimizer steps.
+        warmup_ratio: warmup as a fraction of all steps (rounded up); use instead of warmup_steps.
+        scheduler: "linear" decays to 0 at the last step after warmup; "constant" holds after warmup.
+        max_grad_norm: clip the global gradient L2 norm to this (0 disables).
+        fused_optimizer: use torch's fused AdamW kernel.
+        encoder_config: the BERT architecture. Filled in from `pretrained` on first build and saved in
+            checkpoints, so loading a checkpoint builds the model without reading `pretrained`.
+    """
+
+    def __init__(
+        self,
+        pretrained: str = DEFAULT_MODEL,
+        max_seq_length: int = 128,
+        lr: float = 5e-5,
+        weight_decay: float = 0.0,
+        decay_bias_and_norm: bool = False,
+        warmup_steps: int = 0,
+        warmup_ratio: Optional[float] = None,
+        scheduler: Literal["linear", "constant"] = "linear",
+        max_grad_norm: float = 1.0,
+        fused_optimizer: bool = True,
+        encoder_config: Optional[dict] = None,
+    ):
+        super().__init__()
+        if warmup_ratio is not None and warmup_steps:
+            raise ValueError("give warmup_steps or warmup_ratio, not both")
+        self.save_hyperparameters()
+        if encoder_config is None:
+            folder = resolve_pretrained(pretrained)
+            self.encoder = BertEncoder(BertConfig.from_folder(folder))
+            self.encoder.load_safetensors(folder / "model.safetensors")
+            self.hparams.encoder_config = self.encoder.config.to_dict()
+        else:
+            self.encoder = BertEncoder(BertConfig.from_dict(encoder_config))
+        if max_seq_length > self.encoder.config.max_position_embeddings:
+            raise ValueError(f"max_seq_length {max_seq_length} exceeds the model's "
+                             f"{self.encoder.config.max_position_embeddings} position embeddings")
+        self._tokenizer = None
+        self.metrics = torch.nn.ModuleDict({stage: correlation_metrics() for stage in ("val", "test")})
+
+    # ----- tokenizer -------------------------------------------------------------------------------------------
+
+    @property
+    def tokenizer(self):
+        """The model folder's fast tokenizer; restored from the checkpoint when loaded from one."""
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(str(resolve_pretrained(self.hparams.pretrained)))
+        return self._tokenizer
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        with tempfile.TemporaryDirectory() as folder:
+            self.tokenizer.save_pretrained(folder)
+            checkpoint[TOKENIZER_CHECKPOINT_KEY] = {p.name: p.read_text() for p in Path(folder).iterdir() if p.is_file()}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        files = checkpoint.get(TOKENIZER_CHECKPOINT_KEY)
+        if files:
+            from transformers import AutoTokenizer
+
+            with tempfile.TemporaryDirectory() as folder:
+                for name, text in files.items():
+                    (Path(folder) / name).write_text(text)
+                self._tokenizer = AutoTokenizer.from_pretrained(folder)
+
+    # ----- embedding -------------------------------------------------------------------------------------------
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Mean-pooled, unnormalised sentence embeddings (the cosine loss is scale-invariant)."""
+        return mean_pool(self.encoder(input_ids, attention_mask), attention_mask)
+
+    def tokenize(self, sentences: Sequence[str]) -> dict[str, torch.Tensor]:
+        return self.tokenizer(list(sentences), padding=True, truncation=True, max_length=self.hparams.max_seq_length,
+                              return_tensors="pt", return_token_type_ids=False)
+
+    @torch.inference_mode()
+    def encode(self, sentences: Sequence[str], batch_size: int = 32, normalize: bool = True,
+               device: Optional[str | torch.device] = None) -> torch.Tensor:
+        """Embeddings (N, D) in input order, float32 on the CPU. Sentences are batched longest first so each
+        batch pads little; the order is restored afterwards."""
+        if isinstance(sentences, str):
+            raise TypeError("encode takes a list of sentences; wrap a single sentence in a list")
+        if device is not None:
+            self.to(device)
+        was_training = self.training
+        self.eval()
+        order = sorted(range(len(sentences)), key=lambda i: -len(sentences[i]))
+        out = torch.empty(len(sentences), self.encoder.config.hidden_size)
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            batch = {k: v.to(self.device) for k, v in self.tokenize([sentences[i] for i in chunk]).items()}
+            embeddings = self(batch["input_ids"], batch["attention_mask"]).float()
+            if normalize:
+                embeddings = F.normalize(embeddings, p=2, dim=1)
+            out[chunk] = embeddings.cpu()
+        self.train(was_training)
+        return out
+
+    # ----- steps -----------------------------------------------------------------------------------------------
+
+    def _pair_embeddings(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        return self(batch["input_ids"], batch["attention_mask"]).chunk(2)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        u, v = self._pair_embeddings(batch)
+        loss = cosine_mse_loss(u, v, batch["labels"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(u))
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._update_metrics("val", batch)
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._update_metrics("test", batch)
+
+    def _update_metrics(self, stage: str, batch: dict) -> None:
+        u, v = self._pair_embeddings(batch)
+        cosine = F.cosine_similarity(u.float(), v.float(), dim=1)
+        self.metrics[stage].update(cosine.double(), batch["labels"].double())
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics("test")
+
+    def _log_metrics(self, stage: str) -> None:
+        # compute() then reset(), also after the sanity check, so its batches never leak into epoch 0.
+        values = self.metrics[stage].compute()
+        self.metrics[stage].reset()
+        self.log_dict({f"{stage}/{name}": value.float() for name, value in values.items()}, prog_bar=True)
+
+    # ----- optimisation ----------------------------------------------------------------------------------------
+
+    def configure_optimizers(self) -> dict:
+        h = self.hparams
+        decay, no_decay = [], []
+        for name, param in self.named_parameters():
+            if param.requires_grad:
+                exempt = not h.decay_bias_and_norm and (name.endswith(".bias") or "LayerNorm" in name)
+                (no_decay if exempt else decay).append(param)
+        groups = [{"params": decay, "weight_decay": h.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        optimizer = torch.optim.AdamW(groups, lr=h.lr, fused=h.fused_optimizer or None)
+        total = self.trainer.estimated_stepping_batches
+        warmup = math.ceil(h.warmup_ratio * total) if h.warmup_ratio is not None else h.warmup_steps
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(h.scheduler, warmup, total))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Clip to `max_grad_norm`, also with a fused optimizer under 16-mixed.
+
+        Lightning refuses its own clipping there because fused AdamW unscales fp16 gradients inside step(),
+        so the norm it would see is still multiplied by the loss scale. We unscale first ourselves:
+        GradScaler records that the optimizer is unscaled, then passes no scale to the fused step (and still
+        skips the step on inf/NaN), so the clipped gradients are the true ones.
+        """
+        if gradient_clip_val:
+            raise ValueError("set --model.max_grad_norm instead of --trainer.gradient_clip_val")
+        if not self.hparams.max_grad_norm:
+            return
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if scaler is not None and _optimizer_handles_unscaling(optimizer):
+            scaler.unscale_(optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(self.parameters(), self.hparams.max_grad_norm)
+        self.log("train/grad_norm", norm, batch_size=1)
+
+
+def lr_multiplier(kind: str, warmup: int, total: int):
+    """The learning-rate multiplier at optimizer step s: linear warmup over `warmup` steps, then linear decay to
+    0 at step `total` (Hugging Face's get_linear_schedule_with_warmup) or constant."""
+
+    def multiplier(step: int) -> float:
+        if step < warmup:
+            return step / max(1, warmup)
+        if kind == "constant":
+            return 1.0
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return multiplier

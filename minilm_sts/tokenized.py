@@ -1,0 +1,131 @@
+"""Tokenize a pair source once and keep the token ids on disk as flat numpy arrays.
+
+The cache key covers the source's bytes, the tokenizer, the max length and the reading options, so a
+changed file or tokenizer never reuses stale ids. Entries are written to a temporary folder and renamed
+into place, so an interrupted write never leaves a half entry behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from itertools import chain
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from minilm_sts.pairs import local_path, read_pairs
+
+CACHE_FORMAT = 1
+TOKENIZE_CHUNK = 8192
+ARRAYS = ("ids", "offsets", "labels")
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("MINILM_STS_CACHE", Path.home() / ".cache" / "minilm_sts"))
+
+
+@dataclass
+class TokenizedPairs:
+    """Pair i has sentence A at ids[offsets[2i]:offsets[2i+1]] and sentence B at ids[offsets[2i+1]:offsets[2i+2]]."""
+
+    ids: np.ndarray
+    offsets: np.ndarray
+    labels: np.ndarray
+    at_max_length: int = 0
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def sentence(self, k: int) -> np.ndarray:
+        return self.ids[self.offsets[k] : self.offsets[k + 1]]
+
+
+def tokenize_texts(tokenizer, texts: Sequence[str], max_length: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Flat ids and offsets for `texts`, truncated to `max_length` ids including [CLS] and [SEP], and the
+    number of sentences that reached that limit (and so were most likely truncated)."""
+    id_lists: list[list[int]] = []
+    for start in range(0, len(texts), TOKENIZE_CHUNK):
+        chunk = list(texts[start : start + TOKENIZE_CHUNK])
+        encoded = tokenizer(chunk, truncation=True, max_length=max_length,
+                            return_attention_mask=False, return_token_type_ids=False)
+        id_lists.extend(encoded["input_ids"])
+    lengths = np.fromiter((len(x) for x in id_lists), dtype=np.int64, count=len(id_lists))
+    at_limit = int((lengths >= max_length).sum())
+    offsets = np.zeros(len(id_lists) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    dtype = np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max else np.int32
+    ids = np.fromiter(chain.from_iterable(id_lists), dtype=dtype, count=int(offsets[-1]))
+    return ids, offsets, at_limit
+
+
+def load_tokenized(
+    source: str,
+    tokenizer,
+    max_length: int,
+    sentence_columns: Sequence[str] | None = None,
+    label_column: str | None = None,
+    label_scale: float = 1.0,
+) -> TokenizedPairs:
+    """Tokenized pairs for `source`, from the cache when an entry with the same key exists."""
+    options = {"max_length": max_length, "sentence_columns": list(sentence_columns or []), "label_column": label_column,
+               "label_scale": label_scale, "format": CACHE_FORMAT}
+    entry = cache_root() / _cache_key(source, tokenizer, options)
+    cached = _read_entry(entry)
+    if cached is not None:
+        return cached
+    table = read_pairs(source, sentence_columns, label_column, label_scale)
+    interleaved = [text for pair in zip(table.sentences_a, table.sentences_b) for text in pair]
+    ids, offsets, at_limit = tokenize_texts(tokenizer, interleaved, max_length)
+    pairs = TokenizedPairs(ids, offsets, np.asarray(table.labels, dtype=np.float32), at_limit)
+    _write_entry(entry, pairs)
+    return pairs
+
+
+def _cache_key(source: str, tokenizer, options: dict) -> str:
+    digest = hashlib.sha256()
+    path = local_path(source)
+    if path is None:
+        digest.update(source.encode())  # remote datasets are keyed by name; the hub pins their revision
+    else:
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    digest.update(tokenizer.backend_tokenizer.to_str().encode())
+    digest.update(json.dumps(options, sort_keys=True).encode())
+    return digest.hexdigest()[:32]
+
+
+def _read_entry(entry: Path) -> TokenizedPairs | None:
+    """The cached pairs, or None when absent or damaged (a damaged entry is removed and rebuilt)."""
+    if not entry.is_dir():
+        return None
+    try:
+        meta = json.loads((entry / "meta.json").read_text())
+        arrays = {name: np.load(entry / f"{name}.npy", mmap_mode="r") for name in ARRAYS}
+        pairs = TokenizedPairs(**arrays, at_max_length=meta["at_max_length"])
+        consistent = (len(pairs.offsets) == 2 * len(pairs) + 1 and pairs.offsets[-1] == len(pairs.ids)
+                      and meta["pairs"] == len(pairs))
+    except (OSError, ValueError, KeyError):
+        consistent = False
+    if not consistent:
+        shutil.rmtree(entry, ignore_errors=True)
+        return None
+    return pairs
+
+
+def _write_entry(entry: Path, pairs: TokenizedPairs) -> None:
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=entry.parent))
+    for name in ARRAYS:
+        np.save(staging / f"{name}.npy", getattr(pairs, name))
+    (staging / "meta.json").write_text(json.dumps({"pairs": len(pairs), "at_max_length": pairs.at_max_length}))
+    try:
+        os.rename(staging, entry)
+    except OSError:  # another process finished the same entry first; theirs is identical
+        shutil.rmtree(staging, ignore_errors=True)
