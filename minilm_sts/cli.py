@@ -21,6 +21,7 @@ TRAINER_DEFAULTS = {
     "check_val_every_n_epoch": None,  # count val_check_interval in optimizer steps across epochs, like HF "steps"
     "val_check_interval": 500,
     "default_root_dir": "runs",
+    "log_every_n_steps": 1,  # train/loss at every step
 }
 
 

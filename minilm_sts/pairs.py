@@ -112,7 +112,7 @@ def _check_sentences(source: str, raw: RawColumns, column: str) -> list[str]:
 
 def _check_labels(source: str, raw: RawColumns, column: str, scale: float) -> list[float]:
     if not (scale > 0 and math.isfinite(scale)):
-        raise PairDataError(f"label_scale must be a positive number, got {scale}")
+        raise PairDataError(f"{source}: label_scale must be a positive number, got {scale}")
     labels = []
     for i, value in enumerate(raw.columns[column]):
         try:

@@ -96,9 +96,18 @@ def _cache_key(source: str, tokenizer, options: dict) -> str:
         with open(path, "rb") as handle:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(block)
-    digest.update(tokenizer.backend_tokenizer.to_str().encode())
+    digest.update(tokenizer_fingerprint(tokenizer).encode())
     digest.update(json.dumps(options, sort_keys=True).encode())
     return digest.hexdigest()[:32]
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """The tokenizer's definition without its call-time state: a call with truncation=True stores the
+    truncation settings inside the backend tokenizer, which must not change the cache key."""
+    definition = json.loads(tokenizer.backend_tokenizer.to_str())
+    definition.pop("truncation", None)
+    definition.pop("padding", None)
+    return json.dumps(definition, sort_keys=True)
 
 
 def _read_entry(entry: Path) -> TokenizedPairs | None:

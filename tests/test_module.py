@@ -1,0 +1,96 @@
+"""SentenceEmbedder: schedule, parameter groups, clipping under fp16, checkpoints that load offline."""
+
+import shutil
+
+import lightning as L
+import pytest
+import torch
+
+from minilm_sts.datamodule import PairDataModule
+from minilm_sts.module import SentenceEmbedder, lr_multiplier
+
+
+@pytest.mark.parametrize("warmup, total", [(0, 50), (10, 50), (7, 7)])
+def test_linear_schedule_equals_hugging_face(warmup, total):
+    from transformers import get_linear_schedule_with_warmup
+
+    def rates(make):
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        schedule = make(optimizer)
+        out = []
+        for _ in range(total):
+            out.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            schedule.step()
+        return out
+
+    ours = rates(lambda o: torch.optim.lr_scheduler.LambdaLR(o, lr_multiplier("linear", warmup, total)))
+    reference = rates(lambda o: get_linear_schedule_with_warmup(o, warmup, total))
+    assert ours == pytest.approx(reference, abs=1e-12)
+
+
+def test_bias_and_layernorm_are_exempt_from_weight_decay(tiny_model_dir):
+    model = SentenceEmbedder(pretrained=str(tiny_model_dir), weight_decay=0.01)
+    model.trainer = L.Trainer(max_steps=10, logger=False)  # only for estimated_stepping_batches
+    groups = model.configure_optimizers()["optimizer"].param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in groups[0]["params"]}
+    exempt = {names[id(p)] for p in groups[1]["params"]}
+    assert groups[0]["weight_decay"] == 0.01 and groups[1]["weight_decay"] == 0.0
+    assert "encoder.encoder.layer.0.attention.self.query.weight" in decayed
+    assert "encoder.embeddings.LayerNorm.weight" in exempt and "encoder.encoder.layer.1.output.dense.bias" in exempt
+    assert "encoder.pooler.dense.weight" not in decayed | exempt  # frozen, never optimised
+
+
+def test_warmup_steps_and_ratio_are_exclusive(tiny_model_dir):
+    with pytest.raises(ValueError, match="not both"):
+        SentenceEmbedder(pretrained=str(tiny_model_dir), warmup_steps=10, warmup_ratio=0.1)
+
+
+def fit_one_step(model_dir, pair_files, tmp_path, **trainer_args):
+    L.seed_everything(0)
+    model = SentenceEmbedder(pretrained=str(model_dir))
+    data = PairDataModule(str(pair_files["train"]), str(pair_files["val"]), None, batch_size=40)
+    trainer = L.Trainer(max_steps=1, logger=L.pytorch.loggers.CSVLogger(tmp_path), limit_val_batches=0,
+                        enable_checkpointing=False, enable_progress_bar=False, log_every_n_steps=1, **trainer_args)
+    trainer.fit(model, data)
+    return model, trainer.callback_metrics["train/grad_norm"].item()
+
+
+def test_clipping_works_with_fused_adamw_under_fp16_loss_scaling(tiny_model_dir, pair_files, tmp_path):
+    """Lightning refuses this combination itself; our clipping must see the true (unscaled) gradient norm."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    fp32_model, fp32_norm = fit_one_step(tiny_model_dir, pair_files, tmp_path / "a")
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    fp16_model, fp16_norm = fit_one_step(tiny_model_dir, pair_files, tmp_path / "b",
+                                         plugins=[MixedPrecision("16-mixed", "cpu", scaler)])
+    assert fp16_model.trainer.optimizers[0].defaults["fused"]
+    assert fp16_norm == pytest.approx(fp32_norm, rel=0.05)  # a still-scaled norm would be 65536 times larger
+    for p16, p32 in zip(fp16_model.parameters(), fp32_model.parameters()):
+        assert torch.allclose(p16, p32, atol=1e-3)
+
+
+def test_checkpoint_loads_without_the_pretrained_folder(tiny_model_dir, pair_files, tmp_path):
+    model_dir = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    model, _ = fit_one_step(model_dir, pair_files, tmp_path / "run")
+    path = tmp_path / "model.ckpt"
+    model.trainer.save_checkpoint(path)
+    before = model.encode(["a man is playing the guitar", "a dog"])
+    shutil.rmtree(model_dir)  # nothing may be read from (or downloaded for) the original folder now
+
+    assert torch.load(path, weights_only=True)["hyper_parameters"]["encoder_config"]["hidden_size"] == 32
+    loaded = SentenceEmbedder.load_from_checkpoint(path)
+    assert torch.allclose(loaded.encode(["a man is playing the guitar", "a dog"]), before, atol=1e-6)
+
+
+def test_encode_returns_input_order_and_unit_norm(tiny_model_dir):
+    model = SentenceEmbedder(pretrained=str(tiny_model_dir))
+    sentences = ["a dog", "a man is playing the guitar on the street with a child", "cats", "the woman eats food"]
+    together = model.encode(sentences, batch_size=2)
+    one_by_one = torch.cat([model.encode([s]) for s in sentences])
+    assert torch.allclose(together, one_by_one, atol=1e-5)
+    assert torch.allclose(together.norm(dim=1), torch.ones(4), atol=1e-6)
+    assert not torch.allclose(model.encode(sentences, normalize=False).norm(dim=1), torch.ones(4))
+    with pytest.raises(TypeError, match="list of sentences"):
+        model.encode("a dog")
