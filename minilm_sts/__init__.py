@@ -1,7 +1,7 @@
 """Fine-tune sentence embedders (all-MiniLM-L6-v2 and other BERTs) with cosine-MSE on labelled pairs."""
 
 from minilm_sts.datamodule import PairDataModule
-from minilm_sts.module import SentenceEmbedder
+from minilm_sts.module import SentenceEmbedder, load
 
-__all__ = ["PairDataModule", "SentenceEmbedder"]
+__all__ = ["PairDataModule", "SentenceEmbedder", "load"]
 __version__ = "0.1.0"

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import argparse
+import sys
 from importlib import resources
+from pathlib import Path
 
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from jsonargparse import lazy_instance
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from minilm_sts.callbacks import ExportBest
 from minilm_sts.datamodule import PairDataModule
 from minilm_sts.module import SentenceEmbedder
+from minilm_sts.tracking import CosineLabelPicture, SaveConfigToLoggers, TrainingSpeed, WandbRunLogger
 
 # The embedded default recipe: fine-tune on the packaged STS Benchmark (configs/stsb.yaml points here).
 DEFAULT_RECIPE = str(resources.files("minilm_sts") / "recipes" / "stsb.yaml")
@@ -22,6 +28,8 @@ TRAINER_DEFAULTS = {
     "val_check_interval": 500,
     "default_root_dir": "runs",
     "log_every_n_steps": 1,  # train/loss at every step
+    "logger": lazy_instance(WandbRunLogger),  # --trainer.logger false turns logging off
+    "callbacks": [lazy_instance(TrainingSpeed), lazy_instance(CosineLabelPicture)],
 }
 
 
@@ -35,6 +43,7 @@ class MiniLMCLI(LightningCLI):
             "checkpoint.filename": "step{step}-spearman{val/spearman_cosine:.4f}",
             "checkpoint.auto_insert_metric_name": False,
         })
+        parser.add_lightning_class_args(ExportBest, "export")
 
     def before_instantiate_classes(self) -> None:
         # Precision follows the hardware unless the recipe or the command line chose one.
@@ -43,13 +52,29 @@ class MiniLMCLI(LightningCLI):
             trainer.precision = "16-mixed" if torch.cuda.is_available() else "32-true"
 
 
-def main(args: list[str] | None = None) -> MiniLMCLI:
+def export_command(args: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="python -m minilm_sts export",
+                                     description="Write a checkpoint as a folder that sentence-transformers loads.")
+    parser.add_argument("checkpoint", type=Path, help="a .ckpt written by fit")
+    parser.add_argument("out_dir", type=Path, help="the folder to create")
+    parser.add_argument("--overwrite", action="store_true", help="replace out_dir if it exists")
+    options = parser.parse_args(args)
+    from minilm_sts.export import export_with_card
+
+    print(f"Exported to {export_with_card(options.checkpoint, options.out_dir, options.overwrite)}")
+
+
+def main(args: list[str] | None = None) -> MiniLMCLI | None:
+    args = sys.argv[1:] if args is None else list(args)
+    if args[:1] == ["export"]:
+        return export_command(args[1:])
     return MiniLMCLI(
         SentenceEmbedder,
         PairDataModule,
         args=args,
         seed_everything_default=42,
         trainer_defaults=TRAINER_DEFAULTS,
+        save_config_callback=SaveConfigToLoggers,
         save_config_kwargs={"overwrite": True},  # a second run in the same folder must not fail
         auto_configure_optimizers=False,  # the module's per-step schedule is the recipe
         parser_kwargs={command: {"default_config_files": [DEFAULT_RECIPE]} for command in SUBCOMMANDS},

@@ -44,6 +44,13 @@ class PairDataset(Dataset):
         }
 
 
+CARD_STATS_ROWS = 1000  # sentence-transformers <= 5.4 describe a dataset by its first 1000 rows
+
+
+def summary_stats(values: np.ndarray) -> dict:
+    return {"min": float(values.min()), "mean": round(float(values.mean()), 2), "max": float(values.max())}
+
+
 class PairDataModule(L.LightningDataModule):
     """Sentence pairs with a similarity label in [0, 1] (after dividing by `label_scale`).
 
@@ -94,6 +101,24 @@ class PairDataModule(L.LightningDataModule):
         if split != "train":
             _check_correlation_defined(source, pairs)
         return PairDataset(pairs, self.tokenizer.pad_token_id)
+
+    def describe(self, split: str) -> dict:
+        """What a model card says about a split: size, columns, tokens per sentence (special tokens included,
+        after truncation) and label statistics over the first 1000 pairs, and the first rows."""
+        pairs = self.datasets[split].pairs
+        rows = min(len(pairs), CARD_STATS_ROWS)
+        lengths = np.diff(pairs.offsets[: 2 * rows + 1])
+        column_a, column_b, label = pairs.columns
+        return {
+            "source": getattr(self.hparams, f"{split}_path"),
+            "size": len(pairs),
+            "stats_rows": rows,
+            "columns": list(pairs.columns),
+            "tokens": {column_a: summary_stats(lengths[0::2]), column_b: summary_stats(lengths[1::2])},
+            "label": {label: summary_stats(pairs.labels[:rows])},
+            "samples": [list(row) for row in pairs.samples],
+            "at_max_length": pairs.at_max_length,
+        }
 
     def train_dataloader(self) -> DataLoader:
         generator = torch.Generator().manual_seed(self.hparams.seed)

@@ -17,6 +17,7 @@ from minilm_sts.pretrained import DEFAULT_MODEL, resolve_pretrained
 from minilm_sts.similarity import correlation_metrics, cosine_mse_loss, mean_pool
 
 TOKENIZER_CHECKPOINT_KEY = "minilm_sts_tokenizer_files"
+RUN_CHECKPOINT_KEY = "minilm_sts_run"
 
 
 class SentenceEmbedder(L.LightningModule):
@@ -67,6 +68,12 @@ class SentenceEmbedder(L.LightningModule):
                              f"{self.encoder.config.max_position_embeddings} position embeddings")
         self._tokenizer = None
         self.metrics = torch.nn.ModuleDict({stage: correlation_metrics() for stage in ("val", "test")})
+        # What the run did, in plain values, for the model card: datasets, a row per validation, test scores.
+        self.run_record: dict = {"datasets": {}, "log": [], "test": {}}
+        self._loss_since_validation: list[torch.Tensor] = []
+        self._scores: dict[str, list[torch.Tensor]] = {"val": [], "test": []}
+        # The latest split's (cosine, label) pairs, for pictures of separation.
+        self.last_scores: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # ----- tokenizer -------------------------------------------------------------------------------------------
 
@@ -83,8 +90,10 @@ class SentenceEmbedder(L.LightningModule):
         with tempfile.TemporaryDirectory() as folder:
             self.tokenizer.save_pretrained(folder)
             checkpoint[TOKENIZER_CHECKPOINT_KEY] = {p.name: p.read_text() for p in Path(folder).iterdir() if p.is_file()}
+        checkpoint[RUN_CHECKPOINT_KEY] = self.run_record
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.run_record = checkpoint.get(RUN_CHECKPOINT_KEY, self.run_record)
         files = checkpoint.get(TOKENIZER_CHECKPOINT_KEY)
         if files:
             from transformers import AutoTokenizer
@@ -136,7 +145,20 @@ class SentenceEmbedder(L.LightningModule):
         u, v = self._pair_embeddings(batch)
         loss = cosine_mse_loss(u, v, batch["labels"])
         self.log("train/loss", loss, prog_bar=True, batch_size=len(u))
+        self.log("train/lr", self.lr_schedulers().get_last_lr()[0], batch_size=len(u))
+        self._loss_since_validation.append(loss.detach())
         return loss
+
+    def on_fit_start(self) -> None:
+        datamodule = self.trainer.datamodule
+        if hasattr(datamodule, "describe"):
+            self.run_record["datasets"] = {split: datamodule.describe(split) for split in ("train", "val")}
+            self.run_record["data"] = dict(datamodule.hparams)
+        trainer = self.trainer
+        self.run_record["trainer"] = {"max_epochs": trainer.max_epochs, "max_steps": trainer.max_steps,
+                                      "precision": trainer.precision, "val_check_interval": trainer.val_check_interval,
+                                      "accumulate_grad_batches": trainer.accumulate_grad_batches}
+        self.run_record["versions"] = framework_versions()
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._update_metrics("val", batch)
@@ -148,18 +170,35 @@ class SentenceEmbedder(L.LightningModule):
         u, v = self._pair_embeddings(batch)
         cosine = F.cosine_similarity(u.float(), v.float(), dim=1)
         self.metrics[stage].update(cosine.double(), batch["labels"].double())
+        self._scores[stage].append(torch.stack([cosine.detach(), batch["labels"].float()]).cpu())
 
     def on_validation_epoch_end(self) -> None:
-        self._log_metrics("val")
+        values = self._log_metrics("val")
+        if self.trainer.sanity_checking or self.trainer.state.fn != "fit":
+            return
+        losses = self._loss_since_validation
+        self._loss_since_validation = []
+        epoch = self.current_epoch + (self.trainer.fit_loop.epoch_loop.batch_idx + 1) / max(1, self.trainer.num_training_batches)
+        self.run_record["log"].append({"epoch": round(epoch, 4), "step": self.global_step,
+                                       "training_loss": torch.stack(losses).mean().item() if losses else None, **values})
 
     def on_test_epoch_end(self) -> None:
-        self._log_metrics("test")
+        self.run_record["test"] = self._log_metrics("test")
 
-    def _log_metrics(self, stage: str) -> None:
+    def _log_metrics(self, stage: str) -> dict[str, float]:
         # compute() then reset(), also after the sanity check, so its batches never leak into epoch 0.
-        values = self.metrics[stage].compute()
+        values = {name: value.item() for name, value in self.metrics[stage].compute().items()}
         self.metrics[stage].reset()
-        self.log_dict({f"{stage}/{name}": value.float() for name, value in values.items()}, prog_bar=True)
+        cosine, labels = torch.cat(self._scores[stage], dim=1)
+        self.last_scores[stage] = (cosine, labels)
+        self._scores[stage] = []
+        self.log_dict({f"{stage}/{name}": value for name, value in values.items()}, prog_bar=True)
+        return values
+
+    @staticmethod
+    def similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Cosine similarity matrix (len(a), len(b)) between two sets of embeddings."""
+        return F.normalize(a.float(), dim=-1) @ F.normalize(b.float(), dim=-1).T
 
     # ----- optimisation ----------------------------------------------------------------------------------------
 
@@ -208,3 +247,29 @@ def lr_multiplier(kind: str, warmup: int, total: int):
         return max(0.0, (total - step) / max(1, total - warmup))
 
     return multiplier
+
+
+def framework_versions() -> dict[str, str]:
+    import platform
+
+    import tokenizers
+    import transformers
+
+    from minilm_sts import __version__
+
+    versions = {"Python": platform.python_version(), "minilm_sts": __version__, "Lightning": L.__version__,
+                "Transformers": transformers.__version__, "PyTorch": torch.__version__, "Tokenizers": tokenizers.__version__}
+    return {name: str(version) for name, version in versions.items()}  # plain str: checkpoints load weights_only
+
+
+def load(path: str | Path, map_location: str | torch.device = "cpu") -> SentenceEmbedder:
+    """A model ready to `encode`, from a Lightning checkpoint (.ckpt) or an exported / sentence-transformers folder."""
+    from minilm_sts.export import read_max_seq_length
+
+    path = Path(path)
+    if path.is_file():
+        return SentenceEmbedder.load_from_checkpoint(path, map_location=map_location).eval()
+    if path.is_dir():
+        max_seq_length = read_max_seq_length(path) or 128
+        return SentenceEmbedder(pretrained=str(path), max_seq_length=max_seq_length).to(map_location).eval()
+    raise FileNotFoundError(f"{path}: no such checkpoint file or model folder")

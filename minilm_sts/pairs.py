@@ -31,6 +31,7 @@ class PairTable:
     sentences_a: list[str]
     sentences_b: list[str]
     labels: list[float]
+    columns: tuple[str, str, str] = ("sentence_0", "sentence_1", "label")
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -76,7 +77,7 @@ def read_pairs(
     sentences_a = _check_sentences(source, raw, col_a)
     sentences_b = _check_sentences(source, raw, col_b)
     labels = _check_labels(source, raw, label_col, label_scale)
-    return PairTable(source, sentences_a, sentences_b, labels)
+    return PairTable(source, sentences_a, sentences_b, labels, (col_a, col_b, label_col))
 
 
 def _pick_sentence_columns(source: str, columns: dict, wanted: Sequence[str] | None) -> tuple[str, str]:

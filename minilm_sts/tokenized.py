@@ -21,9 +21,11 @@ import numpy as np
 
 from minilm_sts.pairs import local_path, read_pairs
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 TOKENIZE_CHUNK = 8192
 ARRAYS = ("ids", "offsets", "labels")
+META = ("at_max_length", "columns", "samples")
+SAMPLE_ROWS = 3
 
 
 def cache_root() -> Path:
@@ -38,6 +40,8 @@ class TokenizedPairs:
     offsets: np.ndarray
     labels: np.ndarray
     at_max_length: int = 0
+    columns: tuple = ("sentence_0", "sentence_1", "label")
+    samples: tuple = ()  # the first rows as (sentence A, sentence B, label), for model cards
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -82,7 +86,8 @@ def load_tokenized(
     table = read_pairs(source, sentence_columns, label_column, label_scale)
     interleaved = [text for pair in zip(table.sentences_a, table.sentences_b) for text in pair]
     ids, offsets, at_limit = tokenize_texts(tokenizer, interleaved, max_length)
-    pairs = TokenizedPairs(ids, offsets, np.asarray(table.labels, dtype=np.float32), at_limit)
+    samples = tuple(zip(table.sentences_a[:SAMPLE_ROWS], table.sentences_b[:SAMPLE_ROWS], table.labels[:SAMPLE_ROWS]))
+    pairs = TokenizedPairs(ids, offsets, np.asarray(table.labels, dtype=np.float32), at_limit, table.columns, samples)
     _write_entry(entry, pairs)
     return pairs
 
@@ -117,7 +122,7 @@ def _read_entry(entry: Path) -> TokenizedPairs | None:
     try:
         meta = json.loads((entry / "meta.json").read_text())
         arrays = {name: np.load(entry / f"{name}.npy", mmap_mode="r") for name in ARRAYS}
-        pairs = TokenizedPairs(**arrays, at_max_length=meta["at_max_length"])
+        pairs = TokenizedPairs(**arrays, **{key: _tuples(meta[key]) for key in META})
         consistent = (len(pairs.offsets) == 2 * len(pairs) + 1 and pairs.offsets[-1] == len(pairs.ids)
                       and meta["pairs"] == len(pairs))
     except (OSError, ValueError, KeyError):
@@ -128,12 +133,18 @@ def _read_entry(entry: Path) -> TokenizedPairs | None:
     return pairs
 
 
+def _tuples(value):
+    """JSON turns tuples into lists; turn them back so cached and fresh entries compare equal."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
 def _write_entry(entry: Path, pairs: TokenizedPairs) -> None:
     entry.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=entry.parent))
     for name in ARRAYS:
         np.save(staging / f"{name}.npy", getattr(pairs, name))
-    (staging / "meta.json").write_text(json.dumps({"pairs": len(pairs), "at_max_length": pairs.at_max_length}))
+    meta = {"pairs": len(pairs), **{key: getattr(pairs, key) for key in META}}
+    (staging / "meta.json").write_text(json.dumps(meta))
     try:
         os.rename(staging, entry)
     except OSError:  # another process finished the same entry first; theirs is identical

@@ -1,11 +1,14 @@
 """The command line: recipes resolve, fit runs end to end (twice in one folder), and never imports the oracle."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+
+from wandb_records import run_content
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,19 +60,42 @@ print("PRECISION", cli.trainer.precision)
 """
 
 
-def test_fit_runs_twice_in_one_folder_and_never_imports_sentence_transformers(tiny_model_dir, pair_files, tmp_path):
+def test_fit_runs_twice_in_one_folder_with_offline_wandb(tiny_model_dir, pair_files, tmp_path, monkeypatch):
+    """The default logger is W&B; with no credentials it runs offline and says how to sync."""
+    monkeypatch.delenv("WANDB_MODE")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc: no credentials
     args = ["fit", "--model.pretrained", str(tiny_model_dir), "--data.train_path", str(pair_files["train"]),
             "--data.val_path", str(pair_files["val"]), "--data.batch_size", "8", "--trainer.val_check_interval", "2",
-            "--trainer.enable_progress_bar", "false"]
-    for run in range(2):
+            "--trainer.enable_progress_bar", "false", "--model.lr", "1e-3"]
+    for run in range(1, 3):
         result = subprocess.run([sys.executable, "-c", FIT_SCRIPT, *args], cwd=tmp_path, capture_output=True, text=True)
         assert result.returncode == 0, result.stderr[-3000:]
         assert "PRECISION 32-true" in result.stdout
-        version = tmp_path / "runs" / "lightning_logs" / f"version_{run}"
-        checkpoints = sorted(p.name for p in (version / "checkpoints").iterdir())
-        assert "last.ckpt" in checkpoints and any(name.startswith("step") for name in checkpoints)
-        header = (version / "metrics.csv").read_text().splitlines()[0].split(",")
-        assert {"train/loss", "val/pearson_cosine", "val/spearman_cosine"} <= set(header)
+        assert "logs offline" in result.stdout + result.stderr and "wandb sync" in result.stdout + result.stderr
+        run_files = sorted((tmp_path / "runs" / "wandb").glob("offline-run-*/run-*.wandb"))
+        assert len(run_files) == run
+        config, metrics = run_content(run_files[-1])
+        cli_config = json.loads(config["cli"])
+        assert cli_config["model"]["lr"] == 1e-3 and cli_config["data"]["batch_size"] == 8  # the resolved config
+        assert cli_config["trainer"]["val_check_interval"] == 2 and cli_config["checkpoint"]["mode"] == "max"
+        assert {"train/loss", "train/lr", "train/grad_norm", "train/pairs_per_sec", "train/tokens_per_sec",
+                "val/pearson_cosine", "val/spearman_cosine", "trainer/global_step"} <= metrics
+        assert any(key.startswith("val/cosine_vs_label") for key in metrics)
+    run_dirs = sorted(p for p in (tmp_path / "runs" / "minilm-sts").iterdir())
+    assert len(run_dirs) == 2
+    for run_dir in run_dirs:
+        names = {p.name for p in (run_dir / "checkpoints").iterdir()}
+        assert "last.ckpt" in names and any(n.startswith("step") and n.endswith(".ckpt") for n in names)
+        assert {"cosine_vs_label_step2.png", "cosine_vs_label_step4.png"} <= names
+
+
+def test_logger_can_be_switched_off(tiny_model_dir, pair_files, tmp_path):
+    cli("fit", "--model.pretrained", str(tiny_model_dir), "--data.train_path", str(pair_files["train"]),
+        "--data.val_path", str(pair_files["val"]), "--trainer.max_steps", "1", "--trainer.logger", "false",
+        "--trainer.enable_progress_bar", "false", cwd=tmp_path)
+    assert not (tmp_path / "runs" / "wandb").exists()
+    assert any((tmp_path / "runs").rglob("last.ckpt"))
 
 
 def test_bad_data_fails_before_training(tiny_model_dir, pair_files, tmp_path):

@@ -1,0 +1,188 @@
+"""The model card (README.md) of an exported model, in the form sentence-transformers writes, filled only
+from what the run recorded: nothing is stated that the run did not do."""
+
+from __future__ import annotations
+
+import inspect
+import json
+
+LOSS_NAME = "CosineSimilarityLoss"
+LOSS_PARAMETERS = {"loss_fct": "torch.nn.modules.loss.MSELoss", "cos_score_transformation": "torch.nn.modules.linear.Identity"}
+PRIMARY_METRIC = "spearman_cosine"
+
+
+def render_model_card(model) -> str:
+    """Markdown for a SentenceEmbedder whose `run_record` was filled by training (or is empty for a base model)."""
+    h, run = model.hparams, model.run_record
+    train = run.get("datasets", {}).get("train")
+    sections = [
+        _front_matter(h, run),
+        f"# {_title(h, train)}\n\n{_summary(model, train)}",
+        _details(model, train),
+        _usage(),
+        _evaluation(run),
+        _training(model, run, train),
+        _versions(run),
+    ]
+    return "\n\n".join(section for section in sections if section) + "\n"
+
+
+def _front_matter(h, run) -> str:
+    tags = ["sentence-transformers", "sentence-similarity", "feature-extraction", "dense", "minilm_sts",
+            f"loss:{LOSS_NAME}"]
+    train = run.get("datasets", {}).get("train")
+    if train:
+        tags.append(f"dataset_size:{train['size']}")
+    lines = ["---", "tags:", *(f"- {tag}" for tag in tags), f"base_model: {h.pretrained}",
+             "pipeline_tag: sentence-similarity", "library_name: sentence-transformers"]
+    if _final_metrics(run):
+        lines += ["metrics:", "- pearson_cosine", "- spearman_cosine"]
+    return "\n".join(lines + ["---"])
+
+
+def _title(h, train) -> str:
+    return f"{h.pretrained} fine-tuned with minilm_sts" if train else h.pretrained
+
+
+def _summary(model, train) -> str:
+    dims = model.encoder.config.hidden_size
+    source = f" on {train['size']:,} sentence pairs ({train['source']})" if train else ""
+    return (f"This is a sentence embedding model{' finetuned from ' + model.hparams.pretrained if train else ''}{source}. "
+            f"It maps sentences and paragraphs to a {dims}-dimensional dense vector space and can be used for "
+            "semantic textual similarity, semantic search, paraphrase mining, text classification and clustering.")
+
+
+def _details(model, train) -> str:
+    h, cfg = model.hparams, model.encoder.config
+    architecture = (
+        "SentenceTransformer(\n"
+        f"  (0): Transformer({{'max_seq_length': {h.max_seq_length}, 'do_lower_case': False}}) with Transformer model: BertModel\n"
+        f"  (1): Pooling({{'word_embedding_dimension': {cfg.hidden_size}, 'pooling_mode_mean_tokens': True}})\n"
+        "  (2): Normalize()\n)"
+    )
+    rows = [("Model Type", "Sentence Transformer"), ("Base model", h.pretrained),
+            ("Maximum Sequence Length", f"{h.max_seq_length} tokens"), ("Output Dimensionality", f"{cfg.hidden_size} dimensions"),
+            ("Similarity Function", "Cosine Similarity")]
+    if train:
+        rows.append(("Training Dataset", f"{train['size']:,} pairs from {train['source']}"))
+    listing = "\n".join(f"- **{name}:** {value}" for name, value in rows)
+    return (f"## Model Details\n\n### Model Description\n{listing}\n\n"
+            f"### Full Model Architecture\n\n```\n{architecture}\n```")
+
+
+def _usage() -> str:
+    sentences = '["The weather is lovely today.", "It\'s so sunny outside!", "He drove to the stadium."]'
+    return (
+        "## Usage\n\n### minilm_sts\n\n```python\nimport minilm_sts\n\n"
+        'model = minilm_sts.load("path/to/this/folder")\n'
+        f"embeddings = model.encode({sentences})\n"
+        "print(model.similarity(embeddings, embeddings))\n```\n\n"
+        "### Sentence Transformers\n\n```python\nfrom sentence_transformers import SentenceTransformer\n\n"
+        'model = SentenceTransformer("path/to/this/folder")\n'
+        f"embeddings = model.encode({sentences})\n"
+        "print(model.similarity(embeddings, embeddings))\n```"
+    )
+
+
+def _final_metrics(run) -> list[tuple[str, dict]]:
+    """(dataset, metrics) for the last validation and, if one ran, the test."""
+    found = []
+    if run.get("log"):
+        found.append(("validation", run["log"][-1]))
+    if run.get("test"):
+        found.append(("test", run["test"]))
+    return found
+
+
+def _evaluation(run) -> str:
+    final = _final_metrics(run)
+    if not final:
+        return ""
+    rows = []
+    for name in ("pearson_cosine", PRIMARY_METRIC):
+        cells = [f"{metrics[name]:.4f}" for _, metrics in final]
+        rows.append(_row([f"**{name}**" if name == PRIMARY_METRIC else name,
+                          *(f"**{c}**" if name == PRIMARY_METRIC else c for c in cells)]))
+    header = _row(["Metric", *(dataset for dataset, _ in final)]) + "\n" + _row(["---"] * (len(final) + 1))
+    return ("## Evaluation\n\n### Metrics\n\n#### Semantic Similarity\n\n"
+            "Pearson and Spearman correlation of cosine similarity with the gold label, computed over the whole "
+            "split (as sentence-transformers' EmbeddingSimilarityEvaluator).\n\n" + header + "\n" + "\n".join(rows))
+
+
+def _training(model, run, train) -> str:
+    if not train:
+        return ""
+    parts = ["## Training Details", "### Training Dataset", _dataset_block(train)]
+    validation = run.get("datasets", {}).get("val")
+    if validation:
+        parts += ["### Evaluation Dataset", _dataset_block(validation)]
+    parts += ["### Training Hyperparameters", _hyperparameters(model, run)]
+    if run.get("log"):
+        parts += ["### Training Logs", _log_table(run["log"])]
+    return "\n\n".join(parts)
+
+
+def _dataset_block(d: dict) -> str:
+    a, b, label = d["columns"]
+    stats = [
+        _row(["", f"{a}", f"{b}", f"{label}"]), _row(["---"] * 4),
+        _row(["type", "string", "string", "float"]),
+        _row(["details", _token_stats(d["tokens"][a]), _token_stats(d["tokens"][b]), _label_stats(d["label"][label])]),
+    ]
+    samples = [_row([a, b, label]), _row(["---"] * 3), *(_row([x, y, f"{z:g}"]) for x, y, z in d["samples"])]
+    return (f"- Source: `{d['source']}`\n- Size: {d['size']:,} pairs\n"
+            f"- Columns: `{a}`, `{b}` and `{label}`\n"
+            f"- Approximate statistics based on the first {d['stats_rows']} samples (tokens include [CLS] and [SEP]):\n\n"
+            + "\n".join(stats) + "\n\n- Samples:\n\n" + "\n".join(samples)
+            + f"\n\n- Loss: `{LOSS_NAME}` with these parameters:\n\n```json\n{json.dumps(LOSS_PARAMETERS, indent=4)}\n```")
+
+
+def _token_stats(s: dict) -> str:
+    return f"min: {s['min']:g} tokens<br>mean: {s['mean']:.2f} tokens<br>max: {s['max']:g} tokens"
+
+
+def _label_stats(s: dict) -> str:
+    return f"min: {s['min']:.2f}<br>mean: {s['mean']:.2f}<br>max: {s['max']:.2f}"
+
+
+def _hyperparameters(model, run) -> str:
+    from minilm_sts.datamodule import PairDataModule
+
+    everything = {**_plain(model.hparams), **_plain(run.get("data", {})), **run.get("trainer", {})}
+    everything.pop("encoder_config", None)
+    defaults = {**_defaults(type(model)), **_defaults(PairDataModule)}
+    changed = {k: v for k, v in everything.items() if k in defaults and defaults[k] != v}
+    listing = lambda items: "\n".join(f"- `{k}`: {v}" for k, v in items.items())  # noqa: E731
+    return (f"#### Non-Default Hyperparameters\n\n{listing(changed) or '(none)'}\n\n"
+            f"#### All Hyperparameters\n<details><summary>Click to expand</summary>\n\n{listing(everything)}\n\n</details>")
+
+
+def _defaults(cls) -> dict:
+    return {name: p.default for name, p in inspect.signature(cls.__init__).parameters.items()
+            if p.default is not inspect.Parameter.empty}
+
+
+def _plain(values) -> dict:
+    return {k: v for k, v in dict(values).items() if not k.startswith("_")}
+
+
+def _log_table(log: list[dict]) -> str:
+    header = _row(["Epoch", "Step", "Training Loss", "pearson_cosine", "spearman_cosine"])
+    best = max(range(len(log)), key=lambda i: log[i][PRIMARY_METRIC])
+    rows = []
+    for i, r in enumerate(log):
+        loss = f"{r['training_loss']:.4f}" if r.get("training_loss") is not None else "-"
+        cells = [f"{r['epoch']:.4f}", str(r["step"]), loss, f"{r['pearson_cosine']:.4f}", f"{r[PRIMARY_METRIC]:.4f}"]
+        rows.append(_row([f"**{c}**" for c in cells] if i == best else cells))
+    return header + "\n" + _row(["---"] * 5) + "\n" + "\n".join(rows) + "\n\n* The bold row is the best validation score."
+
+
+def _versions(run) -> str:
+    versions = run.get("versions")
+    if not versions:
+        return ""
+    return "### Framework Versions\n\n" + "\n".join(f"- {name}: {version}" for name, version in versions.items())
+
+
+def _row(cells) -> str:
+    return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"

@@ -1,0 +1,97 @@
+"""Experiment tracking: W&B that never blocks, the full CLI config in the run, speed, and the cosine picture."""
+
+from __future__ import annotations
+
+import netrc
+import os
+import time
+from pathlib import Path
+from typing import Optional
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import SaveConfigCallback
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+
+from minilm_sts.plots import save_cosine_label_picture
+
+WANDB_HOST = "api.wandb.ai"
+
+
+def has_wandb_credentials() -> bool:
+    """True when wandb could log in without asking: an API key in the environment or a `wandb login` entry."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators(WANDB_HOST) is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False
+
+
+class WandbRunLogger(WandbLogger):
+    """Lightning's WandbLogger, online when credentials exist and offline otherwise, never prompting.
+
+    `offline=None` (the default) decides from the credentials; WANDB_MODE, when set, is left to wandb.
+    """
+
+    def __init__(self, project: str = "minilm-sts", save_dir: str = "runs", offline: Optional[bool] = None, **kwargs):
+        if offline is None:
+            offline = "WANDB_MODE" not in os.environ and not has_wandb_credentials()
+            if offline:
+                rank_zero_info(
+                    f"W&B: no credentials (WANDB_API_KEY or `wandb login`), so this run logs offline under "
+                    f"{save_dir}/wandb/. Upload it later with `wandb sync {save_dir}/wandb/offline-run-*`."
+                )
+        Path(save_dir).mkdir(parents=True, exist_ok=True)
+        super().__init__(project=project, save_dir=save_dir, offline=offline, **kwargs)
+
+
+class SaveConfigToLoggers(SaveConfigCallback):
+    """Besides config.yaml, put the whole resolved LightningCLI config into the W&B run config
+    (Lightning does not: Lightning-AI/pytorch-lightning#19728)."""
+
+    def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.experiment.config.update({"cli": self.config.as_dict()}, allow_val_change=True)
+
+
+class TrainingSpeed(L.Callback):
+    """Logs pairs/s and real (unpadded) tokens/s per training step, and peak GPU memory on CUDA."""
+
+    def __init__(self):
+        self._started = 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._started = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        seconds = max(time.perf_counter() - self._started, 1e-9)
+        pairs = len(batch["labels"])
+        speed = {"train/pairs_per_sec": pairs / seconds, "train/tokens_per_sec": batch["attention_mask"].sum().item() / seconds}
+        if pl_module.device.type == "cuda":
+            speed["train/peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(pl_module.device) / 2**30
+        pl_module.log_dict(speed, batch_size=pairs)
+
+
+class CosineLabelPicture(L.Callback):
+    """At each validation, a picture of cosine against label: saved as PNG next to the checkpoints and logged
+    to W&B as `val/cosine_vs_label`."""
+
+    @rank_zero_only
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or "val" not in pl_module.last_scores:
+            return
+        cosine, labels = (t.numpy() for t in pl_module.last_scores["val"])
+        spearman = trainer.callback_metrics.get("val/spearman_cosine")
+        title = f"validation: cosine vs label at step {trainer.global_step}"
+        if spearman is not None:
+            title += f", spearman {float(spearman):.4f}"
+        folder = Path(trainer.checkpoint_callback.dirpath) if trainer.checkpoint_callback else Path(trainer.default_root_dir)
+        path = save_cosine_label_picture(cosine, labels, title, folder / f"cosine_vs_label_step{trainer.global_step}.png")
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                import wandb
+
+                logger.experiment.log({"val/cosine_vs_label": wandb.Image(str(path)), "trainer/global_step": trainer.global_step})
