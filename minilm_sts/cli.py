@@ -1,4 +1,5 @@
-"""`python -m minilm_sts fit|validate|test|predict`: LightningCLI with the reference's training defaults."""
+"""`python -m minilm_sts fit|validate|test` (LightningCLI, with the reference's training defaults), plus
+`export` and `predict`."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from minilm_sts.tracking import CosineLabelPicture, SaveConfigToLoggers, Trainin
 # The embedded default recipe: fine-tune on the packaged STS Benchmark (configs/stsb.yaml points here).
 DEFAULT_RECIPE = str(resources.files("minilm_sts") / "recipes" / "stsb.yaml")
 
-SUBCOMMANDS = ("fit", "validate", "test", "predict")
+SUBCOMMANDS = ("fit", "validate", "test")
 
 TRAINER_DEFAULTS = {
     "max_epochs": 1,
@@ -34,6 +35,11 @@ TRAINER_DEFAULTS = {
 
 
 class MiniLMCLI(LightningCLI):
+    @staticmethod
+    def subcommands() -> dict:
+        # `predict` is our own command (files in, embeddings or scores out), dispatched before LightningCLI.
+        return {name: methods for name, methods in LightningCLI.subcommands().items() if name in SUBCOMMANDS}
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({
@@ -43,13 +49,30 @@ class MiniLMCLI(LightningCLI):
             "checkpoint.filename": "step{step}-spearman{val/spearman_cosine:.4f}",
             "checkpoint.auto_insert_metric_name": False,
         })
+        parser.add_lightning_class_args(ModelCheckpoint, "periodic_checkpoint")
+        parser.set_defaults({  # last.ckpt also every N steps, for resuming long runs between validations
+            "periodic_checkpoint.save_top_k": 0,
+            "periodic_checkpoint.save_last": True,
+            "periodic_checkpoint.every_n_train_steps": 200,
+        })
         parser.add_lightning_class_args(ExportBest, "export")
 
     def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand]
         # Precision follows the hardware unless the recipe or the command line chose one.
-        trainer = self.config[self.subcommand].trainer
-        if trainer.precision is None:
-            trainer.precision = "16-mixed" if torch.cuda.is_available() else "32-true"
+        if config.trainer.precision is None:
+            config.trainer.precision = "16-mixed" if torch.cuda.is_available() else "32-true"
+        if config.get("ckpt_path") == "last":
+            config.ckpt_path = str(newest_last_checkpoint(Path(config.trainer.default_root_dir or ".")))
+
+
+def newest_last_checkpoint(root: Path) -> Path:
+    """`--ckpt_path last`: the most recently written last.ckpt under the run folder. (Lightning would only look
+    in the new run's own checkpoint folder, which a new W&B run id makes empty.)"""
+    candidates = sorted(root.rglob("last.ckpt"), key=lambda p: p.stat().st_mtime)
+    if not candidates:
+        raise FileNotFoundError(f"--ckpt_path last: no last.ckpt under {root.resolve()}; give the checkpoint's path")
+    return candidates[-1]
 
 
 def export_command(args: list[str]) -> None:
@@ -68,6 +91,10 @@ def main(args: list[str] | None = None) -> MiniLMCLI | None:
     args = sys.argv[1:] if args is None else list(args)
     if args[:1] == ["export"]:
         return export_command(args[1:])
+    if args[:1] == ["predict"]:
+        from minilm_sts.predict import predict_command
+
+        return predict_command(args[1:])
     return MiniLMCLI(
         SentenceEmbedder,
         PairDataModule,

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Optional
+import math
+from typing import Callable, Optional
 
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 
 from minilm_sts.pairs import PairDataError
 from minilm_sts.tokenized import TokenizedPairs, load_tokenized
@@ -42,6 +43,52 @@ class PairDataset(Dataset):
             "attention_mask": torch.from_numpy(attention_mask),
             "labels": torch.from_numpy(np.asarray(self.pairs.labels[indices], dtype=np.float32)),
         }
+
+
+class EpochShuffle(Sampler[int]):
+    """A permutation that depends only on (seed, epoch), resumable in the middle of an epoch.
+
+    `batches_done` reports how many of this epoch's batches the trainer has trained on. Lightning stores it in
+    the checkpoint (through the loader's state_dict), and the first pass after a resume skips those batches.
+    """
+
+    def __init__(self, size: int, batch_size: int, seed: int, batches_done: Callable[[], int]):
+        self.size, self.batch_size, self.seed = size, batch_size, seed
+        self.batches_done = batches_done
+        self.epoch, self._skip = 0, 0
+
+    def set_epoch(self, epoch: int) -> None:  # Lightning calls this at every epoch start
+        if epoch != self.epoch:
+            self.epoch, self._skip = epoch, 0
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self):
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        skip, self._skip = self._skip, 0
+        return iter(order[skip * self.batch_size :].tolist())
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batches_done": self.batches_done()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self._skip = state["epoch"], state["batches_done"]
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader with Lightning's resumable-loader interface, delegating to its shuffle's state.
+
+    Lightning restores a loader's state only if it builds the loader after restoring its loops, but
+    `configure_optimizers` asks for `estimated_stepping_batches`, which builds it earlier. So PairDataModule's
+    own state_dict carries the same state too, and restoring it twice is harmless.
+    """
+
+    def state_dict(self) -> dict:
+        return self.batch_sampler.sampler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.batch_sampler.sampler.load_state_dict(state)
 
 
 CARD_STATS_ROWS = 1000  # sentence-transformers <= 5.4 describe a dataset by its first 1000 rows
@@ -82,6 +129,8 @@ class PairDataModule(L.LightningDataModule):
         self.tokenizer = None
         self.max_seq_length: Optional[int] = None
         self.datasets: dict[str, PairDataset] = {}
+        self._train_shuffle: Optional[EpochShuffle] = None
+        self._shuffle_state: Optional[dict] = None  # from a checkpoint, for the next train loader
 
     def setup(self, stage: str) -> None:
         if self.tokenizer is None:  # the model owns the tokenizer and the max length
@@ -121,19 +170,35 @@ class PairDataModule(L.LightningDataModule):
         }
 
     def train_dataloader(self) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.hparams.seed)
-        return self._loader("train", shuffle=True, generator=generator)
+        dataset = self.datasets["train"]
+        shuffle = EpochShuffle(len(dataset), self.hparams.batch_size, self.hparams.seed, self._batches_trained)
+        if self._shuffle_state is not None:
+            shuffle.load_state_dict(self._shuffle_state)
+            self._shuffle_state = None
+        self._train_shuffle = shuffle
+        return self._loader(ResumableLoader, dataset, batch_sampler=BatchSampler(shuffle, self.hparams.batch_size, False))
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
+        return self._loader(DataLoader, self.datasets["val"], batch_size=self.hparams.batch_size)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
+        return self._loader(DataLoader, self.datasets["test"], batch_size=self.hparams.batch_size)
 
-    def _loader(self, split: str, **kwargs) -> DataLoader:
-        dataset = self.datasets[split]
-        return DataLoader(dataset, batch_size=self.hparams.batch_size, collate_fn=dataset.collate,
-                          num_workers=self.hparams.num_workers, persistent_workers=self.hparams.num_workers > 0, **kwargs)
+    def _loader(self, loader_class: type, dataset: PairDataset, **kwargs) -> DataLoader:
+        # Each loader gets its own generator: creating an iterator then never draws from the global RNG, so
+        # dropout sees the same random stream with or without validation runs and across a resume.
+        workers = self.hparams.num_workers
+        return loader_class(dataset, collate_fn=dataset.collate, num_workers=workers, persistent_workers=workers > 0,
+                            generator=torch.Generator().manual_seed(self.hparams.seed), **kwargs)
+
+    def state_dict(self) -> dict:
+        return {"train_shuffle": self._train_shuffle.state_dict()} if self._train_shuffle else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._shuffle_state = state.get("train_shuffle")
+
+    def _batches_trained(self) -> int:
+        return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
 
 
 def _check_correlation_defined(source: str, pairs: TokenizedPairs) -> None:

@@ -18,6 +18,7 @@ from minilm_sts.similarity import correlation_metrics, cosine_mse_loss, mean_poo
 
 TOKENIZER_CHECKPOINT_KEY = "minilm_sts_tokenizer_files"
 RUN_CHECKPOINT_KEY = "minilm_sts_run"
+RESUME_CHECKPOINT_KEY = "minilm_sts_resume"
 
 
 class SentenceEmbedder(L.LightningModule):
@@ -71,6 +72,7 @@ class SentenceEmbedder(L.LightningModule):
         # What the run did, in plain values, for the model card: datasets, a row per validation, test scores.
         self.run_record: dict = {"datasets": {}, "log": [], "test": {}}
         self._loss_since_validation: list[torch.Tensor] = []
+        self._resume_state: Optional[dict] = None
         self._scores: dict[str, list[torch.Tensor]] = {"val": [], "test": []}
         # The latest split's (cosine, label) pairs, for pictures of separation.
         self.last_scores: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -91,9 +93,12 @@ class SentenceEmbedder(L.LightningModule):
             self.tokenizer.save_pretrained(folder)
             checkpoint[TOKENIZER_CHECKPOINT_KEY] = {p.name: p.read_text() for p in Path(folder).iterdir() if p.is_file()}
         checkpoint[RUN_CHECKPOINT_KEY] = self.run_record
+        checkpoint[RESUME_CHECKPOINT_KEY] = {"rng": _rng_states(),
+                                             "loss_since_validation": [x.item() for x in self._loss_since_validation]}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.run_record = checkpoint.get(RUN_CHECKPOINT_KEY, self.run_record)
+        self._resume_state = checkpoint.get(RESUME_CHECKPOINT_KEY)
         files = checkpoint.get(TOKENIZER_CHECKPOINT_KEY)
         if files:
             from transformers import AutoTokenizer
@@ -115,7 +120,7 @@ class SentenceEmbedder(L.LightningModule):
 
     @torch.inference_mode()
     def encode(self, sentences: Sequence[str], batch_size: int = 32, normalize: bool = True,
-               device: Optional[str | torch.device] = None) -> torch.Tensor:
+               device: Optional[str | torch.device] = None, show_progress: bool = False) -> torch.Tensor:
         """Embeddings (N, D) in input order, float32 on the CPU. Sentences are batched longest first so each
         batch pads little; the order is restored afterwards."""
         if isinstance(sentences, str):
@@ -126,7 +131,12 @@ class SentenceEmbedder(L.LightningModule):
         self.eval()
         order = sorted(range(len(sentences)), key=lambda i: -len(sentences[i]))
         out = torch.empty(len(sentences), self.encoder.config.hidden_size)
-        for start in range(0, len(order), batch_size):
+        starts = range(0, len(order), batch_size)
+        if show_progress:
+            from tqdm.auto import tqdm
+
+            starts = tqdm(starts, desc="Encoding", unit="batch")
+        for start in starts:
             chunk = order[start : start + batch_size]
             batch = {k: v.to(self.device) for k, v in self.tokenize([sentences[i] for i in chunk]).items()}
             embeddings = self(batch["input_ids"], batch["attention_mask"]).float()
@@ -148,6 +158,14 @@ class SentenceEmbedder(L.LightningModule):
         self.log("train/lr", self.lr_schedulers().get_last_lr()[0], batch_size=len(u))
         self._loss_since_validation.append(loss.detach())
         return loss
+
+    def on_train_start(self) -> None:
+        """When resuming, continue the random stream (dropout) where the checkpoint left it, so a resumed run
+        ends with the same weights as an uninterrupted one."""
+        if self._resume_state:
+            _set_rng_states(self._resume_state["rng"])
+            self._loss_since_validation = [torch.tensor(x, device=self.device) for x in self._resume_state["loss_since_validation"]]
+            self._resume_state = None
 
     def on_fit_start(self) -> None:
         datamodule = self.trainer.datamodule
@@ -247,6 +265,19 @@ def lr_multiplier(kind: str, warmup: int, total: int):
         return max(0.0, (total - step) / max(1, total - warmup))
 
     return multiplier
+
+
+def _rng_states() -> dict:
+    states = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _set_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["cpu"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 def framework_versions() -> dict[str, str]:

@@ -80,6 +80,40 @@ def read_pairs(
     return PairTable(source, sentences_a, sentences_b, labels, (col_a, col_b, label_col))
 
 
+def read_sentences(source: str, column: str | None = None) -> list[str]:
+    """Single sentences: a `.txt` file with one per line, or one column of a table (by default its only
+    column, or `sentence`/`text`)."""
+    path = local_path(source)
+    if path is not None and path.suffix == ".txt":
+        with open(path, encoding="utf-8-sig") as handle:
+            raw = RawColumns({"line": [line.rstrip("\n") for line in handle]}, lambda i: f"line {i + 1}")
+        column = "line"
+    else:
+        raw = _read_raw(source)
+        if column is None:
+            choices = [name for name in raw.columns if name in ("sentence", "text")] or list(raw.columns)
+            if len(choices) != 1:
+                raise PairDataError(f"{source}: which column holds the sentences? The columns are {list(raw.columns)}")
+            column = choices[0]
+        elif column not in raw.columns:
+            raise PairDataError(f"{source}: column {column!r} not found; the columns are {list(raw.columns)}")
+    if not raw.columns[column]:
+        raise PairDataError(f"{source}: no sentences")
+    return _check_sentences(source, raw, column)
+
+
+def read_unlabelled_pairs(source: str, sentence_columns: Sequence[str] | None = None) -> tuple[list[str], list[str]] | None:
+    """The two sentence columns of `source`, or None when it has no recognisable pair of sentence columns."""
+    raw = _read_raw(source)
+    try:
+        col_a, col_b = _pick_sentence_columns(source, raw.columns, sentence_columns)
+    except PairDataError:
+        if sentence_columns:
+            raise
+        return None
+    return _check_sentences(source, raw, col_a), _check_sentences(source, raw, col_b)
+
+
 def _pick_sentence_columns(source: str, columns: dict, wanted: Sequence[str] | None) -> tuple[str, str]:
     choices = [tuple(wanted)] if wanted else SENTENCE_COLUMN_CHOICES
     for pair in choices:

@@ -16,8 +16,8 @@ CSV_LOGGER = ["--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trai
 
 
 def logged(run_dir: Path, key: str) -> float:
-    versions = sorted((run_dir / "runs" / "lightning_logs").iterdir(), key=lambda p: int(p.name.split("_")[1]))
-    rows = list(csv.DictReader(open(versions[-1] / "metrics.csv")))
+    newest = max((run_dir / "runs").rglob("metrics.csv"), key=lambda p: p.stat().st_mtime)
+    rows = list(csv.DictReader(open(newest)))
     return float([row[key] for row in rows if row.get(key)][-1])
 
 
