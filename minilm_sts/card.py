@@ -14,7 +14,7 @@ PRIMARY_METRIC = "spearman_cosine"
 def render_model_card(model) -> str:
     """Markdown for a SentenceEmbedder whose `run_record` was filled by training (or is empty for a base model)."""
     h, run = model.hparams, model.run_record
-    train = run.get("datasets", {}).get("train")
+    train = _combined(run.get("datasets", {}).get("train"))
     sections = [
         _front_matter(h, run),
         f"# {_title(h, train)}\n\n{_summary(model, train)}",
@@ -30,7 +30,7 @@ def render_model_card(model) -> str:
 def _front_matter(h, run) -> str:
     tags = ["sentence-transformers", "sentence-similarity", "feature-extraction", "dense", "minilm_sts",
             f"loss:{LOSS_NAME}"]
-    train = run.get("datasets", {}).get("train")
+    train = _combined(run.get("datasets", {}).get("train"))
     if train:
         tags.append(f"dataset_size:{train['size']}")
     lines = ["---", "tags:", *(f"- {tag}" for tag in tags), f"base_model: {h.pretrained}",
@@ -38,6 +38,13 @@ def _front_matter(h, run) -> str:
     if _final_metrics(run):
         lines += ["metrics:", "- pearson_cosine", "- spearman_cosine"]
     return "\n".join(lines + ["---"])
+
+
+def _combined(datasets: list[dict] | None) -> dict | None:
+    """Size and sources of all training sets together, for the summary lines."""
+    if not datasets:
+        return None
+    return {"size": sum(d["size"] for d in datasets), "source": ", ".join(d["source"] for d in datasets)}
 
 
 def _title(h, train) -> str:
@@ -112,10 +119,11 @@ def _evaluation(run) -> str:
 def _training(model, run, train) -> str:
     if not train:
         return ""
-    parts = ["## Training Details", "### Training Dataset", _dataset_block(train)]
-    validation = run.get("datasets", {}).get("val")
-    if validation:
-        parts += ["### Evaluation Dataset", _dataset_block(validation)]
+    parts = ["## Training Details"]
+    for heading, split in (("Training Dataset", "train"), ("Evaluation Dataset", "val")):
+        datasets = run.get("datasets", {}).get(split) or []
+        parts += [f"### {heading}{'s' if len(datasets) > 1 else ''}"] if datasets else []
+        parts += [f"#### {d['source']}\n\n{_dataset_block(d)}" for d in datasets]
     parts += ["### Training Hyperparameters", _hyperparameters(model, run)]
     if run.get("log"):
         parts += ["### Training Logs", _log_table(run["log"])]

@@ -91,6 +91,10 @@ def main(args: list[str] | None = None) -> MiniLMCLI | None:
     args = sys.argv[1:] if args is None else list(args)
     if args[:1] == ["export"]:
         return export_command(args[1:])
+    if args[:1] == ["build-pairs"]:
+        from minilm_sts.stackexchange import build_pairs_command
+
+        return build_pairs_command(args[1:])
     if args[:1] == ["predict"]:
         from minilm_sts.predict import predict_command
 

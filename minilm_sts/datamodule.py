@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from pathlib import Path
+from typing import Callable, Literal, Optional, Union
 
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
 from minilm_sts.pairs import PairDataError
 from minilm_sts.tokenized import TokenizedPairs, load_tokenized
@@ -45,29 +46,73 @@ class PairDataset(Dataset):
         }
 
 
-class EpochShuffle(Sampler[int]):
-    """A permutation that depends only on (seed, epoch), resumable in the middle of an epoch.
+class ConcatPairs(Dataset):
+    """Several PairDatasets end to end; a batch of global indices must come from one of them."""
 
-    `batches_done` reports how many of this epoch's batches the trainer has trained on. Lightning stores it in
-    the checkpoint (through the loader's state_dict), and the first pass after a resume skips those batches.
+    def __init__(self, parts: list[PairDataset]):
+        self.parts = parts
+        self.starts = np.cumsum([0] + [len(p) for p in parts])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, index: int) -> int:
+        return index
+
+    def collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        part = int(np.searchsorted(self.starts, indices[0], side="right")) - 1
+        return self.parts[part].collate([i - int(self.starts[part]) for i in indices])
+
+
+class PairBatches:
+    """Training batches for one epoch: shuffled with (seed, epoch) alone, each batch from one dataset.
+
+    With several datasets, `round_robin` takes one batch from each in turn and stops when the smallest runs
+    out (sentence-transformers' round-robin sampler); `proportional` visits every batch of every dataset,
+    picking the next dataset at random in proportion to its remaining batches. `batches_done` reports how many
+    of this epoch's batches the trainer has trained on: saved in checkpoints, it makes the first pass after a
+    resume skip exactly those.
     """
 
-    def __init__(self, size: int, batch_size: int, seed: int, batches_done: Callable[[], int]):
-        self.size, self.batch_size, self.seed = size, batch_size, seed
+    def __init__(self, sizes: list[int], batch_size: int, seed: int, mode: str, batches_done: Callable[[], int]):
+        if mode not in ("round_robin", "proportional"):
+            raise ValueError(f"multi_dataset_sampler must be round_robin or proportional, got {mode!r}")
+        self.sizes, self.batch_size, self.seed, self.mode = sizes, batch_size, seed, mode
         self.batches_done = batches_done
         self.epoch, self._skip = 0, 0
+        self.sampler = self  # Lightning calls set_epoch on `batch_sampler.sampler`
 
-    def set_epoch(self, epoch: int) -> None:  # Lightning calls this at every epoch start
+    def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
             self.epoch, self._skip = epoch, 0
 
     def __len__(self) -> int:
-        return self.size
+        counts = [math.ceil(size / self.batch_size) for size in self.sizes]
+        return min(counts) * len(counts) if self.mode == "round_robin" else sum(counts)
 
     def __iter__(self):
-        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch))
         skip, self._skip = self._skip, 0
-        return iter(order[skip * self.batch_size :].tolist())
+        return iter(self._plan()[skip:])
+
+    def _plan(self) -> list[list[int]]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        per_dataset, offset = [], 0
+        for size in self.sizes:
+            order = (torch.randperm(size, generator=generator) + offset).tolist()
+            per_dataset.append([order[i : i + self.batch_size] for i in range(0, size, self.batch_size)])
+            offset += size
+        if len(per_dataset) == 1:
+            return per_dataset[0]
+        if self.mode == "round_robin":
+            rounds = min(len(batches) for batches in per_dataset)
+            return [batches[i] for i in range(rounds) for batches in per_dataset]
+        remaining = torch.tensor([len(batches) for batches in per_dataset], dtype=torch.float64)
+        plan = []
+        while remaining.sum() > 0:
+            chosen = int(torch.multinomial(remaining, 1, generator=generator))
+            plan.append(per_dataset[chosen][len(per_dataset[chosen]) - int(remaining[chosen])])
+            remaining[chosen] -= 1
+        return plan
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "batches_done": self.batches_done()}
@@ -77,7 +122,7 @@ class EpochShuffle(Sampler[int]):
 
 
 class ResumableLoader(DataLoader):
-    """A DataLoader with Lightning's resumable-loader interface, delegating to its shuffle's state.
+    """A DataLoader with Lightning's resumable-loader interface, delegating to its batch plan's state.
 
     Lightning restores a loader's state only if it builds the loader after restoring its loops, but
     `configure_optimizers` asks for `estimated_stepping_batches`, which builds it earlier. So PairDataModule's
@@ -85,12 +130,36 @@ class ResumableLoader(DataLoader):
     """
 
     def state_dict(self) -> dict:
-        return self.batch_sampler.sampler.state_dict()
+        return self.batch_sampler.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        self.batch_sampler.sampler.load_state_dict(state)
+        self.batch_sampler.load_state_dict(state)
 
 
+def source_name(source: str) -> str:
+    """A short name for a data source, used in metric keys: `val/<name>/spearman_cosine`."""
+    if source.startswith("builtin:"):
+        return source.removeprefix("builtin:").replace("/", "-")
+    if source.startswith("hf:"):
+        return source.removeprefix("hf:").replace("/", "-").replace(":", "-")
+    name = Path(source).name
+    return name.split(".")[0] or name
+
+
+def named_sources(paths: Union[str, list[str], dict[str, str], None]) -> dict[str, str]:
+    if paths is None:
+        return {}
+    if isinstance(paths, str):
+        return {source_name(paths): paths}
+    if isinstance(paths, dict):
+        return dict(paths)
+    named = {source_name(p): p for p in paths}
+    if len(named) != len(paths):
+        raise PairDataError(f"data sources {paths} share a name; give them as a mapping name: path")
+    return named
+
+
+SPLITS = ("train", "val", "test")
 CARD_STATS_ROWS = 1000  # sentence-transformers <= 5.4 describe a dataset by its first 1000 rows
 
 
@@ -103,34 +172,44 @@ class PairDataModule(L.LightningDataModule):
 
     Args:
         train_path, val_path, test_path: a `.csv`, `.tsv`, `.jsonl` or `.parquet` file, `builtin:stsb/SPLIT`
-            for the packaged STS Benchmark, or `hf:NAME[:CONFIG]:SPLIT` for a Hugging Face dataset.
+            for the packaged STS Benchmark, or `hf:NAME[:CONFIG]:SPLIT` for a Hugging Face dataset. Each may
+            also be a list of sources, or a mapping name: source. Several training sets take turns batch by
+            batch; several validation sets are each logged as `val/<name>/...`.
         sentence_columns: the two text columns; by default `sentence_0, sentence_1` or `sentence1, sentence2`.
         label_column: by default `label` or `score`.
         label_scale: labels are divided by this (5.0 for raw STS-B scores 0-5).
         batch_size: pairs per batch.
         num_workers: DataLoader worker processes.
         seed: seeds the training shuffle.
+        multi_dataset_sampler: with several training sets, `round_robin` or `proportional`.
+        monitor_val: the validation set whose scores are also logged as `val/spearman_cosine` etc., the keys
+            checkpoint selection uses (default: the first).
     """
 
     def __init__(
         self,
-        train_path: Optional[str] = "builtin:stsb/train",
-        val_path: Optional[str] = "builtin:stsb/dev",
-        test_path: Optional[str] = "builtin:stsb/test",
+        train_path: Union[str, list[str], dict[str, str], None] = "builtin:stsb/train",
+        val_path: Union[str, list[str], dict[str, str], None] = "builtin:stsb/dev",
+        test_path: Union[str, list[str], dict[str, str], None] = "builtin:stsb/test",
         sentence_columns: Optional[list[str]] = None,
         label_column: Optional[str] = None,
         label_scale: float = 1.0,
         batch_size: int = 32,
         num_workers: int = 0,
         seed: int = 42,
+        multi_dataset_sampler: Literal["round_robin", "proportional"] = "round_robin",
+        monitor_val: Optional[str] = None,
     ):
         super().__init__()
         self.save_hyperparameters()
         self.tokenizer = None
         self.max_seq_length: Optional[int] = None
-        self.datasets: dict[str, PairDataset] = {}
-        self._train_shuffle: Optional[EpochShuffle] = None
-        self._shuffle_state: Optional[dict] = None  # from a checkpoint, for the next train loader
+        self.sources = {split: named_sources(getattr(self.hparams, f"{split}_path")) for split in SPLITS}
+        if monitor_val is not None and monitor_val not in self.sources["val"]:
+            raise PairDataError(f"monitor_val {monitor_val!r} is not a validation set; they are {list(self.sources['val'])}")
+        self.datasets: dict[str, dict[str, PairDataset]] = {}
+        self._train_batches: Optional[PairBatches] = None
+        self._batches_state: Optional[dict] = None  # from a checkpoint, for the next train loader
 
     def setup(self, stage: str) -> None:
         if self.tokenizer is None:  # the model owns the tokenizer and the max length
@@ -139,27 +218,37 @@ class PairDataModule(L.LightningDataModule):
         wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage, ())
         for split in wanted:
             if split not in self.datasets:
-                self.datasets[split] = self._load(split)
+                if not self.sources[split]:
+                    raise PairDataError(f"no {split} data: set --data.{split}_path")
+                self.datasets[split] = {name: self._load(split, source) for name, source in self.sources[split].items()}
 
-    def _load(self, split: str) -> PairDataset:
-        source = getattr(self.hparams, f"{split}_path")
-        if source is None:
-            raise PairDataError(f"no {split} data: set --data.{split}_path")
+    def _load(self, split: str, source: str) -> PairDataset:
         h = self.hparams
         pairs = load_tokenized(source, self.tokenizer, self.max_seq_length, h.sentence_columns, h.label_column, h.label_scale)
         if split != "train":
             _check_correlation_defined(source, pairs)
         return PairDataset(pairs, self.tokenizer.pad_token_id)
 
-    def describe(self, split: str) -> dict:
-        """What a model card says about a split: size, columns, tokens per sentence (special tokens included,
-        after truncation) and label statistics over the first 1000 pairs, and the first rows."""
-        pairs = self.datasets[split].pairs
+    def eval_names(self, split: str) -> list[str]:
+        """Names of the split's datasets in dataloader order, the monitored validation set first."""
+        names = list(self.sources[split])
+        if split == "val" and self.hparams.monitor_val:
+            names.remove(self.hparams.monitor_val)
+            names.insert(0, self.hparams.monitor_val)
+        return names
+
+    def describe(self, split: str) -> list[dict]:
+        """What a model card says about each dataset of a split: size, columns, tokens per sentence (special
+        tokens included, after truncation) and label statistics over the first 1000 pairs, and the first rows."""
+        return [self._describe(self.sources[split][name], dataset.pairs) for name, dataset in self.datasets[split].items()]
+
+    @staticmethod
+    def _describe(source: str, pairs: TokenizedPairs) -> dict:
         rows = min(len(pairs), CARD_STATS_ROWS)
         lengths = np.diff(pairs.offsets[: 2 * rows + 1])
         column_a, column_b, label = pairs.columns
         return {
-            "source": getattr(self.hparams, f"{split}_path"),
+            "source": source,
             "size": len(pairs),
             "stats_rows": rows,
             "columns": list(pairs.columns),
@@ -170,21 +259,27 @@ class PairDataModule(L.LightningDataModule):
         }
 
     def train_dataloader(self) -> DataLoader:
-        dataset = self.datasets["train"]
-        shuffle = EpochShuffle(len(dataset), self.hparams.batch_size, self.hparams.seed, self._batches_trained)
-        if self._shuffle_state is not None:
-            shuffle.load_state_dict(self._shuffle_state)
-            self._shuffle_state = None
-        self._train_shuffle = shuffle
-        return self._loader(ResumableLoader, dataset, batch_sampler=BatchSampler(shuffle, self.hparams.batch_size, False))
+        parts = list(self.datasets["train"].values())
+        h = self.hparams
+        batches = PairBatches([len(p) for p in parts], h.batch_size, h.seed, h.multi_dataset_sampler, self._batches_trained)
+        if self._batches_state is not None:
+            batches.load_state_dict(self._batches_state)
+            self._batches_state = None
+        self._train_batches = batches
+        return self._loader(ResumableLoader, ConcatPairs(parts), batch_sampler=batches)
 
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(DataLoader, self.datasets["val"], batch_size=self.hparams.batch_size)
+    def val_dataloader(self) -> Union[DataLoader, list[DataLoader]]:
+        return self._eval_loaders("val")
 
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(DataLoader, self.datasets["test"], batch_size=self.hparams.batch_size)
+    def test_dataloader(self) -> Union[DataLoader, list[DataLoader]]:
+        return self._eval_loaders("test")
 
-    def _loader(self, loader_class: type, dataset: PairDataset, **kwargs) -> DataLoader:
+    def _eval_loaders(self, split: str) -> Union[DataLoader, list[DataLoader]]:
+        loaders = [self._loader(DataLoader, self.datasets[split][name], batch_size=self.hparams.batch_size)
+                   for name in self.eval_names(split)]
+        return loaders[0] if len(loaders) == 1 else loaders
+
+    def _loader(self, loader_class: type, dataset: Dataset, **kwargs) -> DataLoader:
         # Each loader gets its own generator: creating an iterator then never draws from the global RNG, so
         # dropout sees the same random stream with or without validation runs and across a resume.
         workers = self.hparams.num_workers
@@ -192,10 +287,10 @@ class PairDataModule(L.LightningDataModule):
                             generator=torch.Generator().manual_seed(self.hparams.seed), **kwargs)
 
     def state_dict(self) -> dict:
-        return {"train_shuffle": self._train_shuffle.state_dict()} if self._train_shuffle else {}
+        return {"train_batches": self._train_batches.state_dict()} if self._train_batches else {}
 
     def load_state_dict(self, state: dict) -> None:
-        self._shuffle_state = state.get("train_shuffle")
+        self._batches_state = state.get("train_batches")
 
     def _batches_trained(self) -> int:
         return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed

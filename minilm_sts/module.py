@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import tempfile
+from collections import defaultdict
 from pathlib import Path
 from typing import Literal, Optional, Sequence
 
@@ -14,7 +15,7 @@ from lightning.fabric.plugins.precision.amp import _optimizer_handles_unscaling
 
 from minilm_sts.encoder import BertConfig, BertEncoder
 from minilm_sts.pretrained import DEFAULT_MODEL, resolve_pretrained
-from minilm_sts.similarity import correlation_metrics, cosine_mse_loss, mean_pool
+from minilm_sts.similarity import correlations, cosine_mse_loss, mean_pool
 
 TOKENIZER_CHECKPOINT_KEY = "minilm_sts_tokenizer_files"
 RUN_CHECKPOINT_KEY = "minilm_sts_run"
@@ -68,12 +69,11 @@ class SentenceEmbedder(L.LightningModule):
             raise ValueError(f"max_seq_length {max_seq_length} exceeds the model's "
                              f"{self.encoder.config.max_position_embeddings} position embeddings")
         self._tokenizer = None
-        self.metrics = torch.nn.ModuleDict({stage: correlation_metrics() for stage in ("val", "test")})
         # What the run did, in plain values, for the model card: datasets, a row per validation, test scores.
         self.run_record: dict = {"datasets": {}, "log": [], "test": {}}
         self._loss_since_validation: list[torch.Tensor] = []
         self._resume_state: Optional[dict] = None
-        self._scores: dict[str, list[torch.Tensor]] = {"val": [], "test": []}
+        self._scores: dict[tuple[str, int], list[torch.Tensor]] = defaultdict(list)  # (stage, set) -> [cos; label]
         # The latest split's (cosine, label) pairs, for pictures of separation.
         self.last_scores: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -178,20 +178,19 @@ class SentenceEmbedder(L.LightningModule):
                                       "accumulate_grad_batches": trainer.accumulate_grad_batches}
         self.run_record["versions"] = framework_versions()
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._update_metrics("val", batch)
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._collect_scores("val", dataloader_idx, batch)
 
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._update_metrics("test", batch)
+    def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._collect_scores("test", dataloader_idx, batch)
 
-    def _update_metrics(self, stage: str, batch: dict) -> None:
+    def _collect_scores(self, stage: str, dataloader_idx: int, batch: dict) -> None:
         u, v = self._pair_embeddings(batch)
         cosine = F.cosine_similarity(u.float(), v.float(), dim=1)
-        self.metrics[stage].update(cosine.double(), batch["labels"].double())
-        self._scores[stage].append(torch.stack([cosine.detach(), batch["labels"].float()]).cpu())
+        self._scores[(stage, dataloader_idx)].append(torch.stack([cosine.detach(), batch["labels"].float()]))
 
     def on_validation_epoch_end(self) -> None:
-        values = self._log_metrics("val")
+        values = self._log_correlations("val")
         if self.trainer.sanity_checking or self.trainer.state.fn != "fit":
             return
         losses = self._loss_since_validation
@@ -201,17 +200,25 @@ class SentenceEmbedder(L.LightningModule):
                                        "training_loss": torch.stack(losses).mean().item() if losses else None, **values})
 
     def on_test_epoch_end(self) -> None:
-        self.run_record["test"] = self._log_metrics("test")
+        self.run_record["test"] = self._log_correlations("test")
 
-    def _log_metrics(self, stage: str) -> dict[str, float]:
-        # compute() then reset(), also after the sanity check, so its batches never leak into epoch 0.
-        values = {name: value.item() for name, value in self.metrics[stage].compute().items()}
-        self.metrics[stage].reset()
-        cosine, labels = torch.cat(self._scores[stage], dim=1)
-        self.last_scores[stage] = (cosine, labels)
-        self._scores[stage] = []
-        self.log_dict({f"{stage}/{name}": value for name, value in values.items()}, prog_bar=True)
-        return values
+    def _log_correlations(self, stage: str) -> dict[str, float]:
+        """Pearson and Spearman per evaluation set over the whole split, logged as `<stage>/<metric>` for the
+        first (monitored) set and, when there are several, `<stage>/<name>/<metric>` for each. The buffers are
+        emptied every time, also after the sanity check, so its batches never leak into epoch 0."""
+        datamodule = self.trainer.datamodule
+        names = datamodule.eval_names(stage) if hasattr(datamodule, "eval_names") else [stage]
+        logged, primary = {}, {}
+        for index, name in enumerate(names):
+            cosine, labels = torch.cat(self._scores.pop((stage, index)), dim=1).cpu()
+            values = correlations(cosine, labels)
+            if index == 0:
+                primary, self.last_scores[stage] = values, (cosine, labels)
+                logged.update({f"{stage}/{metric}": value for metric, value in values.items()})
+            if len(names) > 1:
+                logged.update({f"{stage}/{name}/{metric}": value for metric, value in values.items()})
+        self.log_dict(logged, prog_bar=len(names) == 1, add_dataloader_idx=False)
+        return primary
 
     @staticmethod
     def similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -19,10 +19,10 @@ def cosine_mse_loss(u: torch.Tensor, v: torch.Tensor, labels: torch.Tensor) -> t
     return F.mse_loss(cos, labels.float().view(-1))
 
 
-def correlation_metrics() -> "torchmetrics.MetricCollection":
-    """Pearson and Spearman of cosine against label over a whole split (not averaged per batch).
-    Feed float64: the running sums then match scipy to ~1e-12."""
-    from torchmetrics import MetricCollection
-    from torchmetrics.regression import PearsonCorrCoef, SpearmanCorrCoef
+def correlations(cosine: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Pearson and Spearman (average ranks for ties) of cosine against label, in float64 like scipy."""
+    from torchmetrics.functional import pearson_corrcoef, spearman_corrcoef
 
-    return MetricCollection({"pearson_cosine": PearsonCorrCoef(), "spearman_cosine": SpearmanCorrCoef()})
+    cosine, labels = cosine.double(), labels.double()
+    return {"pearson_cosine": pearson_corrcoef(cosine, labels).item(),
+            "spearman_cosine": spearman_corrcoef(cosine, labels).item()}

@@ -6,7 +6,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from minilm_sts.datamodule import PairDataModule, EpochShuffle
+from minilm_sts.datamodule import PairBatches, PairDataModule
 from minilm_sts.module import SentenceEmbedder
 
 
@@ -56,16 +56,32 @@ def test_resume_mid_epoch_equals_uninterrupted(tiny_model_dir, pair_files, tmp_p
 
 
 def test_batch_order_depends_on_seed_and_epoch_and_skips_on_resume():
-    sampler = EpochShuffle(10, 3, seed=42, batches_done=lambda: 2)
-    epoch0 = list(sampler)
-    assert len(sampler) == 10 and sorted(epoch0) == list(range(10))
-    sampler.set_epoch(1)
-    epoch1 = list(sampler)
+    batches = PairBatches([10], 3, seed=42, mode="round_robin", batches_done=lambda: 2)
+    epoch0 = list(batches)
+    assert len(batches) == len(epoch0) == 4 and sorted(i for b in epoch0 for i in b) == list(range(10))
+    batches.sampler.set_epoch(1)  # where Lightning calls it
+    epoch1 = list(batches)
     assert epoch1 != epoch0
-    state = sampler.state_dict()
+    state = batches.state_dict()
     assert state == {"epoch": 1, "batches_done": 2}
-    again = EpochShuffle(10, 3, seed=42, batches_done=lambda: 0)
+    again = PairBatches([10], 3, seed=42, mode="round_robin", batches_done=lambda: 0)
     again.load_state_dict(state)
     again.set_epoch(1)
-    assert list(again) == epoch1[2 * 3 :]
+    assert list(again) == epoch1[2:]
     assert list(again) == epoch1  # only the first pass after a resume skips
+
+
+def test_round_robin_alternates_and_stops_with_the_smallest_dataset():
+    batches = PairBatches([10, 4, 7], 2, seed=0, mode="round_robin", batches_done=lambda: 0)
+    plan = list(batches)
+    owner = [0 if b[0] < 10 else 1 if b[0] < 14 else 2 for b in plan]
+    assert owner == [0, 1, 2, 0, 1, 2] and len(batches) == 6  # the 4-pair set has 2 batches
+    assert all(len({0 if i < 10 else 1 if i < 14 else 2 for i in b}) == 1 for b in plan)  # one dataset per batch
+
+
+def test_proportional_visits_every_batch_of_every_dataset():
+    batches = PairBatches([10, 4, 7], 2, seed=0, mode="proportional", batches_done=lambda: 0)
+    plan = list(batches)
+    assert len(plan) == len(batches) == 5 + 2 + 4
+    assert sorted(i for b in plan for i in b) == list(range(21))
+    assert plan == list(PairBatches([10, 4, 7], 2, seed=0, mode="proportional", batches_done=lambda: 0))
