@@ -16,11 +16,10 @@ from minilm_sts.tokenized import TokenizedPairs, load_tokenized
 
 
 class PairDataset(Dataset):
-    """Index i is pair i; `collate` turns a list of indices into one padded batch of both columns."""
+    """Index i is pair i; `collate` turns a list of indices into one packed batch of both columns."""
 
-    def __init__(self, pairs: TokenizedPairs, pad_token_id: int = 0):
+    def __init__(self, pairs: TokenizedPairs):
         self.pairs = pairs
-        self.pad_token_id = pad_token_id
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -29,19 +28,13 @@ class PairDataset(Dataset):
         return index
 
     def collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        """Rows 0..B-1 hold sentence A of each pair and rows B..2B-1 sentence B, so one encoder call embeds
-        both columns; the batch is padded to its longest sentence."""
+        """Sentence A of each pair, then sentence B of each, packed end to end with no padding: one encoder call
+        embeds both columns, and `lengths` says where each sentence ends."""
         rows = [2 * i for i in indices] + [2 * i + 1 for i in indices]
         sentences = [self.pairs.sentence(k) for k in rows]
-        width = max(len(s) for s in sentences)
-        input_ids = np.full((len(rows), width), self.pad_token_id, dtype=np.int64)
-        attention_mask = np.zeros((len(rows), width), dtype=np.int64)
-        for row, ids in enumerate(sentences):
-            input_ids[row, : len(ids)] = ids
-            attention_mask[row, : len(ids)] = 1
         return {
-            "input_ids": torch.from_numpy(input_ids),
-            "attention_mask": torch.from_numpy(attention_mask),
+            "input_ids": torch.from_numpy(np.concatenate(sentences).astype(np.int64)),
+            "lengths": torch.tensor([len(s) for s in sentences]),
             "labels": torch.from_numpy(np.asarray(self.pairs.labels[indices], dtype=np.float32)),
         }
 
@@ -227,7 +220,7 @@ class PairDataModule(L.LightningDataModule):
         pairs = load_tokenized(source, self.tokenizer, self.max_seq_length, h.sentence_columns, h.label_column, h.label_scale)
         if split != "train":
             _check_correlation_defined(source, pairs)
-        return PairDataset(pairs, self.tokenizer.pad_token_id)
+        return PairDataset(pairs)
 
     def eval_names(self, split: str) -> list[str]:
         """Names of the split's datasets in dataloader order, the monitored validation set first."""

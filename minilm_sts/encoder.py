@@ -1,6 +1,12 @@
 """BERT encoder in plain torch, with Hugging Face's parameter names so that `model.safetensors` loads strictly.
 
-Leaf to root: embeddings -> self-attention -> feed-forward -> layer -> BertEncoder, then `mean_pool`.
+Leaf to root: layouts -> embeddings -> self-attention -> feed-forward -> layer -> BertEncoder.
+
+A layout says how a batch of sentences sits in memory. `PaddedLayout` is the usual (B, L) right-padded
+batch, where every projection also runs on padding. `PackedLayout` keeps only the real tokens, (T, D) with
+T the sum of sentence lengths: projections, feed-forward and LayerNorm run on real tokens alone, and only
+attention scatters them into a padded (B, L) block for `scaled_dot_product_attention`. Both compute the same
+embeddings; packing does less work when sentence lengths vary, which they always do.
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
+
+from minilm_sts.similarity import mean_pool
 
 # Keys that Hugging Face checkpoints may carry but that hold no learned state:
 # older BertModel saves include the position-id buffer, which we derive instead.
@@ -52,6 +60,48 @@ class BertConfig:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+class PaddedLayout:
+    """Right-padded (B, L) batches with a 0/1 attention mask."""
+
+    def __init__(self, attention_mask: torch.Tensor):
+        self.attention_mask = attention_mask
+        self.mask = attention_mask.bool()[:, None, None, :]  # broadcast over heads and query positions
+        self.positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+
+    def to_padded(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def from_padded(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def mean_pool(self, hidden: torch.Tensor) -> torch.Tensor:
+        return mean_pool(hidden, self.attention_mask)
+
+
+class PackedLayout:
+    """Only real tokens: sentence i holds the next `lengths[i]` rows of a (T, D) tensor."""
+
+    def __init__(self, lengths: torch.Tensor):
+        self.batch, self.width = len(lengths), int(lengths.max())
+        self.sentence = torch.repeat_interleave(torch.arange(self.batch, device=lengths.device), lengths)
+        starts = torch.cumsum(lengths, 0) - lengths
+        self.positions = torch.arange(len(self.sentence), device=lengths.device) - starts[self.sentence]
+        self.slots = self.sentence * self.width + self.positions  # each token's row in the padded block
+        self.lengths = lengths
+        self.mask = (torch.arange(self.width, device=lengths.device) < lengths[:, None])[:, None, None, :]
+
+    def to_padded(self, x: torch.Tensor) -> torch.Tensor:
+        padded = x.new_zeros(self.batch * self.width, x.shape[-1]).index_copy(0, self.slots, x)
+        return padded.view(self.batch, self.width, -1)
+
+    def from_padded(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(self.batch * self.width, -1)[self.slots]
+
+    def mean_pool(self, hidden: torch.Tensor) -> torch.Tensor:
+        sums = hidden.new_zeros(self.batch, hidden.shape[-1]).index_add(0, self.sentence, hidden)
+        return sums / self.lengths.unsqueeze(1).to(hidden.dtype).clamp(min=1e-9)
+
+
 class Embeddings(nn.Module):
     def __init__(self, cfg: BertConfig):
         super().__init__()
@@ -76,13 +126,17 @@ class SelfAttention(nn.Module):
         self.value = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.dropout_p = cfg.attention_probs_dropout_prob
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """x: (B, L, D); mask: boolean, broadcastable to (B, heads, L, L), True where attention is allowed."""
-        batch, length, dim = x.shape
-        q, k, v = (proj(x).view(batch, length, self.num_heads, -1).transpose(1, 2) for proj in (self.query, self.key, self.value))
+    def forward(self, x: torch.Tensor, layout) -> torch.Tensor:
+        """Projections on x as laid out; attention per sentence on the padded block, masked to real keys."""
+        q, k, v = (self._heads(layout.to_padded(proj(x))) for proj in (self.query, self.key, self.value))
         dropout = self.dropout_p if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
-        return out.transpose(1, 2).reshape(batch, length, dim)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=layout.mask, dropout_p=dropout)
+        batch, _, length, _ = out.shape
+        return layout.from_padded(out.transpose(1, 2).reshape(batch, length, -1))
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, dim = x.shape
+        return x.view(batch, length, self.num_heads, dim // self.num_heads).transpose(1, 2)
 
 
 class DenseResidualNorm(nn.Module):
@@ -104,8 +158,8 @@ class Attention(nn.Module):
         self.self = SelfAttention(cfg)
         self.output = DenseResidualNorm(cfg, cfg.hidden_size)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.output(self.self(x, mask), x)
+    def forward(self, x: torch.Tensor, layout) -> torch.Tensor:
+        return self.output(self.self(x, layout), x)
 
 
 class Intermediate(nn.Module):
@@ -124,8 +178,8 @@ class Layer(nn.Module):
         self.intermediate = Intermediate(cfg)
         self.output = DenseResidualNorm(cfg, cfg.intermediate_size)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        x = self.attention(x, mask)
+    def forward(self, x: torch.Tensor, layout) -> torch.Tensor:
+        x = self.attention(x, layout)
         return self.output(self.intermediate(x), x)
 
 
@@ -162,14 +216,16 @@ class BertEncoder(nn.Module):
         if isinstance(module, nn.Linear):
             nn.init.zeros_(module.bias)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Token embeddings (B, L, D) for right-padded `input_ids` with a 0/1 `attention_mask`."""
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-        x = self.embeddings(input_ids, positions)
-        mask = attention_mask.bool()[:, None, None, :]
+    def forward(self, input_ids: torch.Tensor, layout) -> torch.Tensor:
+        """Token embeddings laid out like `input_ids`: (B, L, D) for a PaddedLayout, (T, D) for a PackedLayout."""
+        x = self.embeddings(input_ids, layout.positions)
         for layer in self.encoder.layer:
-            x = layer(x, mask)
+            x = layer(x, layout)
         return x
+
+    def sentence_embeddings(self, input_ids: torch.Tensor, layout) -> torch.Tensor:
+        """Mean-pooled, unnormalised sentence embeddings (B, D)."""
+        return layout.mean_pool(self(input_ids, layout))
 
     def load_safetensors(self, path: Path) -> None:
         """Load Hugging Face BertModel weights, failing loudly on any missing or unexpected key."""

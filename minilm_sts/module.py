@@ -9,13 +9,15 @@ from pathlib import Path
 from typing import Literal, Optional, Sequence
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.fabric.plugins.precision.amp import _optimizer_handles_unscaling
 
-from minilm_sts.encoder import BertConfig, BertEncoder
+from minilm_sts.encoder import BertConfig, BertEncoder, PackedLayout
 from minilm_sts.pretrained import DEFAULT_MODEL, resolve_pretrained
-from minilm_sts.similarity import correlations, cosine_mse_loss, mean_pool
+from minilm_sts.similarity import correlations, cosine_mse_loss
+from minilm_sts.tokenized import tokenize_texts
 
 TOKENIZER_CHECKPOINT_KEY = "minilm_sts_tokenizer_files"
 RUN_CHECKPOINT_KEY = "minilm_sts_run"
@@ -110,13 +112,15 @@ class SentenceEmbedder(L.LightningModule):
 
     # ----- embedding -------------------------------------------------------------------------------------------
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Mean-pooled, unnormalised sentence embeddings (the cosine loss is scale-invariant)."""
-        return mean_pool(self.encoder(input_ids, attention_mask), attention_mask)
+    def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Mean-pooled, unnormalised sentence embeddings (the cosine loss is scale-invariant) of packed sentences:
+        `input_ids` holds their token ids end to end, `lengths` how many belong to each."""
+        return self.encoder.sentence_embeddings(input_ids, PackedLayout(lengths))
 
     def tokenize(self, sentences: Sequence[str]) -> dict[str, torch.Tensor]:
-        return self.tokenizer(list(sentences), padding=True, truncation=True, max_length=self.hparams.max_seq_length,
-                              return_tensors="pt", return_token_type_ids=False)
+        """Packed token ids ([CLS] ... [SEP], truncated at max_seq_length) and the length of each sentence."""
+        ids, offsets, _ = tokenize_texts(self.tokenizer, sentences, self.hparams.max_seq_length)
+        return {"input_ids": torch.from_numpy(ids.astype(np.int64)), "lengths": torch.from_numpy(np.diff(offsets))}
 
     @torch.inference_mode()
     def encode(self, sentences: Sequence[str], batch_size: int = 32, normalize: bool = True,
@@ -139,7 +143,7 @@ class SentenceEmbedder(L.LightningModule):
         for start in starts:
             chunk = order[start : start + batch_size]
             batch = {k: v.to(self.device) for k, v in self.tokenize([sentences[i] for i in chunk]).items()}
-            embeddings = self(batch["input_ids"], batch["attention_mask"]).float()
+            embeddings = self(batch["input_ids"], batch["lengths"]).float()
             if normalize:
                 embeddings = F.normalize(embeddings, p=2, dim=1)
             out[chunk] = embeddings.cpu()
@@ -149,7 +153,7 @@ class SentenceEmbedder(L.LightningModule):
     # ----- steps -----------------------------------------------------------------------------------------------
 
     def _pair_embeddings(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        return self(batch["input_ids"], batch["attention_mask"]).chunk(2)
+        return self(batch["input_ids"], batch["lengths"]).chunk(2)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         u, v = self._pair_embeddings(batch)

@@ -1,7 +1,8 @@
 """The validation picture: cosine similarity against label, so users see separation and not only a number.
 
 Continuous labels get a scatter; binary labels get one histogram of cosine per label. Drawn with Pillow
-(which W&B needs for images anyway), so no plotting library is required.
+(which W&B needs for images anyway), so no plotting library is required. Pillow is imported only when a
+picture is drawn, so training without it (a bare GPU machine with the logger off) still works.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
 
 WIDTH, HEIGHT, MARGIN = 560, 420, 56
 BACKGROUND, AXES, TEXT = (255, 255, 255), (60, 60, 60), (20, 20, 20)
@@ -17,7 +17,9 @@ COLOURS = ((214, 39, 40), (31, 119, 180))  # label 0, label 1 (and the scatter)
 HISTOGRAM_BINS = 40
 
 
-def cosine_label_picture(cosine: np.ndarray, labels: np.ndarray, title: str) -> Image.Image:
+def cosine_label_picture(cosine: np.ndarray, labels: np.ndarray, title: str):
+    from PIL import Image, ImageDraw
+
     image = Image.new("RGB", (WIDTH, HEIGHT), BACKGROUND)
     draw = ImageDraw.Draw(image)
     draw.text((MARGIN, 12), title, fill=TEXT)
@@ -39,7 +41,7 @@ def _to_pixels(values: np.ndarray, low: float, high: float, start: int, end: int
     return start + (np.clip(values, low, high) - low) / (high - low) * (end - start)
 
 
-def _scatter(draw: ImageDraw.ImageDraw, cosine: np.ndarray, labels: np.ndarray) -> None:
+def _scatter(draw, cosine: np.ndarray, labels: np.ndarray) -> None:
     low = min(0.0, float(cosine.min()))
     xs = _to_pixels(labels, 0.0, 1.0, MARGIN, WIDTH - MARGIN)
     ys = _to_pixels(cosine, low, 1.0, HEIGHT - MARGIN, MARGIN)
@@ -48,7 +50,7 @@ def _scatter(draw: ImageDraw.ImageDraw, cosine: np.ndarray, labels: np.ndarray) 
     _axis_labels(draw, "label", "cosine", ("0", "1"), (f"{low:.1f}", "1"))
 
 
-def _histograms(draw: ImageDraw.ImageDraw, cosine: np.ndarray, labels: np.ndarray) -> None:
+def _histograms(draw, cosine: np.ndarray, labels: np.ndarray) -> None:
     low = min(0.0, float(cosine.min()))
     edges = np.linspace(low, 1.0, HISTOGRAM_BINS + 1)
     counts = [np.histogram(cosine[labels == value], bins=edges)[0] for value in (0.0, 1.0)]
@@ -65,7 +67,7 @@ def _histograms(draw: ImageDraw.ImageDraw, cosine: np.ndarray, labels: np.ndarra
     _axis_labels(draw, "cosine", "pairs", (f"{low:.1f}", "1"), ("0", str(tallest)))
 
 
-def _axis_labels(draw: ImageDraw.ImageDraw, x_name: str, y_name: str, x_ends: tuple, y_ends: tuple) -> None:
+def _axis_labels(draw, x_name: str, y_name: str, x_ends: tuple, y_ends: tuple) -> None:
     bottom, right = HEIGHT - MARGIN, WIDTH - MARGIN
     draw.text((MARGIN, bottom + 4), x_ends[0], fill=TEXT)
     draw.text((right - 10, bottom + 4), x_ends[1], fill=TEXT)

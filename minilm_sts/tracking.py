@@ -69,7 +69,7 @@ class TrainingSpeed(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         seconds = max(time.perf_counter() - self._started, 1e-9)
         pairs = len(batch["labels"])
-        speed = {"train/pairs_per_sec": pairs / seconds, "train/tokens_per_sec": batch["attention_mask"].sum().item() / seconds}
+        speed = {"train/pairs_per_sec": pairs / seconds, "train/tokens_per_sec": len(batch["input_ids"]) / seconds}
         if pl_module.device.type == "cuda":
             speed["train/peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(pl_module.device) / 2**30
         pl_module.log_dict(speed, batch_size=pairs)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from minilm_sts.encoder import BertConfig, BertEncoder
+from minilm_sts.encoder import BertConfig, BertEncoder, PackedLayout, PaddedLayout
 from minilm_sts.similarity import mean_pool
 
 
@@ -23,7 +23,7 @@ def test_matches_transformers_bert_with_padding(tiny_model_dir):
     reference = BertModel.from_pretrained(tiny_model_dir, attn_implementation="eager").eval()
     with torch.no_grad():
         expected = reference(**batch).last_hidden_state
-        ours = load_tiny(tiny_model_dir)(batch["input_ids"], batch["attention_mask"])
+        ours = load_tiny(tiny_model_dir)(batch["input_ids"], PaddedLayout(batch["attention_mask"]))
     real = batch["attention_mask"].bool()
     assert torch.allclose(ours[real], expected[real], atol=1e-5)
 
@@ -62,6 +62,23 @@ def test_mean_pool_formula_and_padding_invariance(tiny_model_dir):
 
     encoder = load_tiny(tiny_model_dir)
     ids = torch.tensor([[2, 40, 41, 3, 0, 0, 0]])
-    padded = mean_pool(encoder(ids, (ids != 0).long()), (ids != 0).long())
-    alone = mean_pool(encoder(ids[:, :4], torch.ones(1, 4, dtype=torch.long)), torch.ones(1, 4, dtype=torch.long))
+    padded = encoder.sentence_embeddings(ids, PaddedLayout((ids != 0).long()))
+    alone = encoder.sentence_embeddings(ids[:, :4], PaddedLayout(torch.ones(1, 4, dtype=torch.long)))
     assert torch.allclose(padded, alone, atol=1e-5)
+
+
+def test_packed_layout_matches_padded_in_train_mode_gradients(tiny_model_dir):
+    """Same embeddings and the same gradients from packed and padded batches (dropout off)."""
+    encoder = load_tiny(tiny_model_dir)
+    lengths = torch.tensor([5, 2, 7, 3])
+    ids = torch.randint(5, 60, (4, 7))
+    mask = (torch.arange(7) < lengths[:, None]).long()
+    padded = encoder.sentence_embeddings(ids * mask, PaddedLayout(mask))
+    padded.square().sum().backward()
+    padded_grads = [p.grad.clone() for p in encoder.parameters() if p.grad is not None]
+    encoder.zero_grad()
+    packed = encoder.sentence_embeddings(ids[mask.bool()], PackedLayout(lengths))
+    packed.square().sum().backward()
+    assert torch.allclose(packed, padded, atol=1e-5)
+    for a, b in zip(padded_grads, (p.grad for p in encoder.parameters() if p.grad is not None)):
+        assert torch.allclose(a, b, atol=1e-5)

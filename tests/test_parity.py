@@ -11,6 +11,7 @@ import scipy.stats
 import torch
 
 from minilm_sts.datamodule import PairDataset
+from minilm_sts.encoder import PaddedLayout
 from minilm_sts.module import SentenceEmbedder
 from minilm_sts.pairs import read_pairs
 from minilm_sts.similarity import correlations, cosine_mse_loss
@@ -43,17 +44,11 @@ def test_token_ids_identical(reference, ours, stsb_test_sentences):
     long_text = "Crème brûlée in 東京 " + "word " * 300
     sentences = stsb_test_sentences + ["MiXeD CaSe Ünïcödé", long_text]
     expected = reference.tokenize(sentences)
-    got = ours.tokenize(sentences)
-    assert torch.equal(got["input_ids"], expected["input_ids"])
-    assert torch.equal(got["attention_mask"], expected["attention_mask"])
-    assert expected["input_ids"].shape[1] == 128 and got["input_ids"][-1, -1] == ours.tokenizer.sep_token_id
-
-    # The training path's cached ids are the same ids, unpadded.
-    ids, offsets, at_limit = tokenize_texts(ours.tokenizer, sentences, 128)
-    lengths = expected["attention_mask"].sum(1).numpy()
-    assert np.array_equal(np.diff(offsets), lengths) and at_limit == 1
-    for k in range(0, len(sentences), 97):
-        assert np.array_equal(ids[offsets[k]:offsets[k + 1]], expected["input_ids"][k, : lengths[k]].numpy())
+    got = ours.tokenize(sentences)  # packed: the same ids without padding
+    mask = expected["attention_mask"].bool()
+    assert expected["input_ids"].shape[1] == 128 and expected["input_ids"][-1, -1] == ours.tokenizer.sep_token_id
+    assert torch.equal(got["lengths"], mask.sum(1)) and torch.equal(got["input_ids"], expected["input_ids"][mask])
+    assert (mask.sum(1) == 128).sum() == 1  # only the over-long text reaches the limit
 
 
 def test_embeddings_match_on_stsb_test(reference, ours, stsb_test_sentences):
@@ -62,6 +57,17 @@ def test_embeddings_match_on_stsb_test(reference, ours, stsb_test_sentences):
     got = ours.encode(stsb_test_sentences, batch_size=32, normalize=True)
     assert (got - expected).abs().max().item() <= 1e-5
     assert torch.allclose(got.norm(dim=1), torch.ones(len(got)), atol=1e-6)
+
+
+def test_packed_path_equals_padded_path(reference, ours, stsb_test_sentences):
+    """Training and encode run packed (no padding tokens); the padded path gives the same embeddings."""
+    sentences = stsb_test_sentences[::7]
+    padded = reference.tokenize(sentences)
+    with torch.no_grad():
+        via_padding = ours.encoder.sentence_embeddings(padded["input_ids"], PaddedLayout(padded["attention_mask"]))
+        packed = ours.tokenize(sentences)
+        via_packing = ours(packed["input_ids"], packed["lengths"])
+    assert (via_packing - via_padding).abs().max().item() <= 1e-5
 
 
 def test_loss_and_gradients_match_cosine_similarity_loss(reference, ours, stsb_test_sentences):
@@ -78,7 +84,7 @@ def test_loss_and_gradients_match_cosine_similarity_loss(reference, ours, stsb_t
     ours.zero_grad()
     ids, offsets, _ = tokenize_texts(ours.tokenizer, [s for pair in zip(a, b) for s in pair], 128)
     batch = PairDataset(TokenizedPairs(ids, offsets, labels.numpy())).collate(list(range(16)))
-    u, v = ours(batch["input_ids"], batch["attention_mask"]).chunk(2)
+    u, v = ours(batch["input_ids"], batch["lengths"]).chunk(2)
     loss = cosine_mse_loss(u, v, batch["labels"])
     loss.backward()
     grads = {n: p.grad for n, p in ours.encoder.named_parameters() if p.grad is not None}

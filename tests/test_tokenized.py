@@ -46,12 +46,12 @@ def test_damaged_entry_is_rebuilt(tokenizer, pair_files, tmp_path, monkeypatch):
     assert np.array_equal(rebuilt.ids, good.ids)
 
 
-def test_collate_pads_to_the_longest_sentence(tokenizer, pair_files):
+def test_collate_packs_column_a_then_column_b(tokenizer, pair_files):
     pairs = load_tokenized(str(pair_files["train"]), tokenizer, 128)
     batch = PairDataset(pairs).collate([3, 0, 7])
-    lengths = [len(pairs.sentence(k)) for k in (6, 0, 14, 7, 1, 15)]
-    assert batch["input_ids"].shape == (6, max(lengths))
-    assert batch["attention_mask"].sum(1).tolist() == lengths
+    order = (6, 0, 14, 7, 1, 15)  # sentence A of pairs 3, 0, 7, then their sentence B
+    assert batch["lengths"].tolist() == [len(pairs.sentence(k)) for k in order]
+    assert batch["input_ids"].tolist() == [int(i) for k in order for i in pairs.sentence(k)]
     assert torch.equal(batch["labels"], torch.from_numpy(pairs.labels[[3, 0, 7]]))
 
 

@@ -1,0 +1,246 @@
+"""Measure minilm_sts against sentence-transformers on the same data, batch size, max length, precision,
+threads and machine. Training steps and encode calls alternate between the two (A B A B ...) after a
+warm-up, and each side reports the median of its steady-state steps. Prints a Markdown table and writes JSON.
+
+    python scripts/benchmark.py                                   # packaged STS-B, a few minutes on 2 cores
+    python scripts/benchmark.py --data ../shared/data/quora/train.tsv
+    python scripts/benchmark.py --quick                           # under 2 minutes; never fails on slowness
+
+It is a measurement, not a test: nothing here asserts a speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+MAX_SEQ_LENGTH = 128
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default="builtin:stsb/train", help="a pair file (default: the packaged STS-B train split)")
+    parser.add_argument("--label-scale", type=float, default=1.0)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=8, help="alternations of the two trainers")
+    parser.add_argument("--steps", type=int, default=5, help="training steps per side per round")
+    parser.add_argument("--encode-sentences", type=int, default=2048)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--rss-steps", type=int, default=60, help="steps of the peak-memory fit runs (0: skip)")
+    parser.add_argument("--quick", action="store_true", help="fewer steps and sentences: under 2 minutes")
+    parser.add_argument("--json", type=Path, default=Path("benchmark.json"))
+    parser.add_argument("--child", choices=["ours", "reference"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.quick:
+        args.rounds, args.steps, args.encode_sentences, args.rss_steps = 4, 3, 512, 0
+    return args
+
+
+def model_path() -> str:
+    from minilm_sts.pretrained import DEFAULT_MODEL, resolve_pretrained
+
+    return str(resolve_pretrained(DEFAULT_MODEL))
+
+
+def batch_plan(size: int, batch_size: int, count: int) -> list[list[int]]:
+    order = torch.randperm(size, generator=torch.Generator().manual_seed(0)).tolist()
+    return [order[(i * batch_size) % size:][:batch_size] for i in range(count)]
+
+
+class Ours:
+    name = "minilm_sts"
+
+    def __init__(self, pairs):
+        from minilm_sts.datamodule import PairDataset
+        from minilm_sts.module import SentenceEmbedder
+
+        self.model = SentenceEmbedder(pretrained=model_path()).train()
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=5e-5, weight_decay=0.0, fused=True)
+        self.dataset = PairDataset(pairs)
+
+    def step(self, indices: list[int]) -> None:
+        from minilm_sts.similarity import cosine_mse_loss
+
+        batch = self.dataset.collate(indices)
+        u, v = self.model(batch["input_ids"], batch["lengths"]).chunk(2)
+        cosine_mse_loss(u, v, batch["labels"]).backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def encode(self, sentences: list[str], batch_size: int) -> None:
+        self.model.encode(sentences, batch_size=batch_size)
+
+
+class Reference:
+    name = "sentence-transformers"
+
+    def __init__(self, table):
+        from sentence_transformers import SentenceTransformer
+        from sentence_transformers.sentence_transformer.losses import CosineSimilarityLoss
+
+        self.model = SentenceTransformer(model_path(), device="cpu")
+        self.model.max_seq_length = MAX_SEQ_LENGTH
+        self.model.train()
+        self.loss = CosineSimilarityLoss(self.model)
+        # The Trainer's default optimizer on torch >= 2.8 is fused AdamW; clipping at 1.0 like ours.
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=5e-5, weight_decay=0.0, fused=True)
+        self.table = table
+
+    def step(self, indices: list[int]) -> None:
+        # Tokenizing both columns is part of each step, as in the reference's data collator.
+        a = [self.table.sentences_a[i] for i in indices]
+        b = [self.table.sentences_b[i] for i in indices]
+        labels = torch.tensor([self.table.labels[i] for i in indices])
+        self.loss([self.model.tokenize(a), self.model.tokenize(b)], labels).backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def encode(self, sentences: list[str], batch_size: int) -> None:
+        self.model.encode(sentences, batch_size=batch_size)
+
+
+def alternate(sides, work, rounds: int, repeats: int) -> dict[str, float]:
+    """Median seconds per call of `work(side)` for each side, alternating sides each round, after a warm-up."""
+    times = {side.name: [] for side in sides}
+    for round_index in range(rounds + 1):
+        for side in sides:
+            for _ in range(repeats):
+                started = time.perf_counter()
+                work(side)
+                if round_index:  # round 0 warms up
+                    times[side.name].append(time.perf_counter() - started)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def padding_stats(table, pairs, plan) -> dict[str, float]:
+    """Per batch: real tokens, what the reference computes (each column padded to its longest), and the
+    attention block minilm_sts pads for (both columns to the longest sentence)."""
+    real, reference, attention = [], [], []
+    for indices in plan:
+        lengths_a = [len(pairs.sentence(2 * i)) for i in indices]
+        lengths_b = [len(pairs.sentence(2 * i + 1)) for i in indices]
+        real.append(sum(lengths_a) + sum(lengths_b))
+        reference.append(len(indices) * (max(lengths_a) + max(lengths_b)))
+        attention.append(2 * len(indices) * max(lengths_a + lengths_b))
+    return {"real_tokens_per_batch": float(np.mean(real)), "reference_padded_tokens_per_batch": float(np.mean(reference)),
+            "attention_block_tokens_per_batch": float(np.mean(attention))}
+
+
+def tokenization_cost(source: str, label_scale: float, tokenizer) -> dict[str, float]:
+    from minilm_sts.tokenized import load_tokenized
+
+    with tempfile.TemporaryDirectory() as cache:
+        os.environ["MINILM_STS_CACHE"] = cache
+        started = time.perf_counter()
+        load_tokenized(source, tokenizer, MAX_SEQ_LENGTH, label_scale=label_scale)
+        first = time.perf_counter() - started
+        started = time.perf_counter()
+        pairs = load_tokenized(source, tokenizer, MAX_SEQ_LENGTH, label_scale=label_scale)
+        cached = time.perf_counter() - started
+        pairs = type(pairs)(**{k: (np.array(v) if isinstance(v, np.ndarray) else v) for k, v in vars(pairs).items()})
+    os.environ.pop("MINILM_STS_CACHE")
+    return {"tokenize_seconds": first, "cached_reload_seconds": cached}, pairs
+
+
+def peak_rss_gib(side: str, args) -> float:
+    """Peak resident memory of a separate process training `args.rss_steps` steps."""
+    command = [sys.executable, __file__, "--child", side, "--data", args.data, "--label-scale", str(args.label_scale),
+               "--rss-steps", str(args.rss_steps), "--threads", str(args.threads), "--batch-size", str(args.batch_size)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _, status, usage = os.wait4(process.pid, 0)  # this child's own peak, not the max over all children
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode:
+        raise RuntimeError(f"the peak-memory run failed: {' '.join(command)}")
+    return usage.ru_maxrss / 2**20  # kB -> GiB
+
+
+def child(args) -> None:
+    """The process `peak_rss_gib` measures: the fit subcommand for ours, a training loop for the reference."""
+    if args.child == "ours":
+        from minilm_sts.cli import main
+
+        main(["fit", "--data.train_path", args.data, "--data.label_scale", str(args.label_scale),
+              "--data.val_path", "builtin:stsb/dev", "--data.test_path", "null", "--data.batch_size", str(args.batch_size),
+              "--trainer.max_steps", str(args.rss_steps), "--trainer.val_check_interval", str(args.rss_steps),
+              "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+              "--trainer.default_root_dir", tempfile.mkdtemp(), "--trainer.num_sanity_val_steps", "0"])
+        return
+    from minilm_sts.pairs import read_pairs
+
+    table = read_pairs(args.data, label_scale=args.label_scale)
+    reference = Reference(table)
+    for indices in batch_plan(len(table), args.batch_size, args.rss_steps):
+        reference.step(indices)
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    if args.child:
+        return child(args)
+    from transformers import AutoTokenizer
+
+    from minilm_sts.pairs import read_pairs
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path())
+    costs, pairs = tokenization_cost(args.data, args.label_scale, tokenizer)
+    table = read_pairs(args.data, label_scale=args.label_scale)
+    ours, reference = Ours(pairs), Reference(table)
+    sides = [reference, ours]
+    plan = iter(batch_plan(len(table), args.batch_size, (args.rounds + 1) * args.steps * 2))
+    step_seconds = alternate(sides, lambda side: side.step(next(plan)), args.rounds, args.steps)
+    stats = padding_stats(table, pairs, batch_plan(len(table), args.batch_size, 200))
+    sentences = list(dict.fromkeys(table.sentences_a + table.sentences_b))[: args.encode_sentences]
+    encode = {}
+    for batch_size in (32, 128):
+        seconds = alternate(sides, lambda side: side.encode(sentences, batch_size), rounds=3, repeats=1)
+        encode[batch_size] = {name: len(sentences) / s for name, s in seconds.items()}
+    result = {
+        "data": args.data, "pairs": len(table), "batch_size": args.batch_size, "threads": args.threads,
+        "train_steps_measured": args.rounds * args.steps, "rss_steps": args.rss_steps,
+        "train_pairs_per_sec": {name: args.batch_size / s for name, s in step_seconds.items()},
+        "train_tokens_per_sec": {name: stats["real_tokens_per_batch"] / s for name, s in step_seconds.items()},
+        "encode_sentences_per_sec": encode, **stats, **costs,
+        "peak_rss_gib": {side.name: peak_rss_gib(key, args) for key, side in (("reference", reference), ("ours", ours))}
+        if args.rss_steps else {},
+        "versions": {"torch": torch.__version__, "python": platform.python_version(), "cpu": platform.processor() or platform.machine()},
+    }
+    args.json.write_text(json.dumps(result, indent=2))
+    print(markdown(result))
+
+
+def markdown(r: dict) -> str:
+    ours, ref = "minilm_sts", "sentence-transformers"
+    rows = [("training pairs/s", r["train_pairs_per_sec"]), ("training real tokens/s", r["train_tokens_per_sec"]),
+            ("encode sentences/s, batch 32", r["encode_sentences_per_sec"][32]),
+            ("encode sentences/s, batch 128", r["encode_sentences_per_sec"][128])]
+    lines = [f"Data: `{r['data']}` ({r['pairs']:,} pairs), batch {r['batch_size']}, max length {MAX_SEQ_LENGTH}, fp32, "
+             f"{r['threads']} threads, {r['train_steps_measured']} measured steps per side.", "",
+             f"| measure | {ref} | {ours} | ratio |", "|---|---|---|---|"]
+    lines += [f"| {name} | {v[ref]:.1f} | {v[ours]:.1f} | {v[ours] / v[ref]:.2f}x |" for name, v in rows]
+    if r["peak_rss_gib"]:
+        lines.append(f"| peak RSS of a {r['rss_steps']}-step training run, GiB | {r['peak_rss_gib'][ref]:.2f} | {r['peak_rss_gib'][ours]:.2f} | |")
+    lines += ["", "| tokens per batch | |", "|---|---|",
+              f"| real (what minilm_sts's projections and feed-forward compute) | {r['real_tokens_per_batch']:.0f} |",
+              f"| sentence-transformers (each column padded to its longest) | {r['reference_padded_tokens_per_batch']:.0f} |",
+              f"| minilm_sts attention block (padded only inside attention) | {r['attention_block_tokens_per_batch']:.0f} |",
+              "", f"Tokenizing the dataset once: {r['tokenize_seconds']:.1f} s; reloading it from the cache: "
+              f"{r['cached_reload_seconds']:.2f} s."]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
