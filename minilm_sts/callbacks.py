@@ -1,4 +1,4 @@
-"""Callbacks the recipes use: export of the best checkpoint at the end of fit."""
+"""Callbacks the recipes use: export of the best checkpoint at the end of fit, and a checkpoint on SIGTERM."""
 
 from __future__ import annotations
 
@@ -7,6 +7,27 @@ from typing import Optional
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+
+def save_emergency_checkpoint(trainer: L.Trainer, name: str) -> Path:
+    """Save the training state now, beside the regular checkpoints (Lightning writes it atomically: a temporary
+    file that is renamed when complete, so a kill during the save never leaves a broken file)."""
+    checkpoint = trainer.checkpoint_callback
+    folder = Path(checkpoint.dirpath) if checkpoint and checkpoint.dirpath else Path(trainer.default_root_dir)
+    path = folder / name
+    trainer.save_checkpoint(path)
+    return path
+
+
+class SaveOnTerminate(L.Callback):
+    """On SIGTERM (preemption), Lightning stops after the current batch; save `last.ckpt` before exiting so
+    `fit --ckpt_path last` resumes exactly there."""
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, SIGTERMException):
+            path = save_emergency_checkpoint(trainer, "last.ckpt")
+            rank_zero_info(f"SIGTERM: saved {path} at step {trainer.global_step}; resume with --ckpt_path last")
 
 
 class ExportBest(L.Callback):

@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from jsonargparse import lazy_instance
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from minilm_sts.callbacks import ExportBest
+from minilm_sts.callbacks import ExportBest, SaveOnTerminate
 from minilm_sts.datamodule import PairDataModule
 from minilm_sts.module import SentenceEmbedder
 from minilm_sts.tracking import CosineLabelPicture, SaveConfigToLoggers, TrainingSpeed, WandbRunLogger
@@ -30,7 +30,7 @@ TRAINER_DEFAULTS = {
     "default_root_dir": "runs",
     "log_every_n_steps": 1,  # train/loss at every step
     "logger": lazy_instance(WandbRunLogger),  # --trainer.logger false turns logging off
-    "callbacks": [lazy_instance(TrainingSpeed), lazy_instance(CosineLabelPicture)],
+    "callbacks": [lazy_instance(TrainingSpeed), lazy_instance(CosineLabelPicture), lazy_instance(SaveOnTerminate)],
 }
 
 

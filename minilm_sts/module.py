@@ -75,6 +75,7 @@ class SentenceEmbedder(L.LightningModule):
         self.run_record: dict = {"datasets": {}, "log": [], "test": {}}
         self._loss_since_validation: list[torch.Tensor] = []
         self._resume_state: Optional[dict] = None
+        self.skipped_steps = 0  # optimizer steps GradScaler skipped (fp16) in this process
         self._scores: dict[tuple[str, int], list[torch.Tensor]] = defaultdict(list)  # (stage, set) -> [cos; label]
         # The latest split's (cosine, label) pairs, for pictures of separation.
         self.last_scores: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -158,10 +159,35 @@ class SentenceEmbedder(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         u, v = self._pair_embeddings(batch)
         loss = cosine_mse_loss(u, v, batch["labels"])
+        if not torch.isfinite(loss):
+            self._stop_on_non_finite_loss(loss, batch_idx)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(u))
         self.log("train/lr", self.lr_schedulers().get_last_lr()[0], batch_size=len(u))
         self._loss_since_validation.append(loss.detach())
         return loss
+
+    def _stop_on_non_finite_loss(self, loss: torch.Tensor, batch_idx: int) -> None:
+        """Stop instead of training on garbage: save the state (the weights before this step) and say where."""
+        from minilm_sts.callbacks import save_emergency_checkpoint
+
+        path = save_emergency_checkpoint(self.trainer, f"non-finite-loss-step{self.global_step}.ckpt")
+        raise FloatingPointError(
+            f"the training loss is {loss.item()} at step {self.global_step} (epoch {self.current_epoch}, batch "
+            f"{batch_idx}); the run stops here. The weights before this step are saved in {path}. Under fp16, try "
+            "bf16-mixed or 32-true, or a lower learning rate."
+        )
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        self._scale_before_step = scaler.get_scale() if scaler is not None else None
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        """Under fp16 loss scaling, GradScaler skips a step with inf/NaN gradients and lowers its scale: count them."""
+        if getattr(self, "_scale_before_step", None) is None:
+            return
+        if self.trainer.precision_plugin.scaler.get_scale() < self._scale_before_step:
+            self.skipped_steps += 1
+        self.log("train/skipped_steps", float(self.skipped_steps), batch_size=1)
 
     def on_train_start(self) -> None:
         """When resuming, continue the random stream (dropout) where the checkpoint left it, so a resumed run
@@ -304,12 +330,23 @@ def framework_versions() -> dict[str, str]:
     return {name: str(version) for name, version in versions.items()}  # plain str: checkpoints load weights_only
 
 
+def _check_checkpoint(path: Path) -> None:
+    """Fail with a plain message on a damaged file or a checkpoint of some other model."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for truncated or non-checkpoint files
+        raise ValueError(f"{path}: not a readable checkpoint, perhaps truncated or corrupt ({err})") from err
+    if "encoder_config" not in checkpoint.get("hyper_parameters", {}):
+        raise ValueError(f"{path}: this checkpoint was not written by minilm_sts's SentenceEmbedder")
+
+
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> SentenceEmbedder:
     """A model ready to `encode`, from a Lightning checkpoint (.ckpt) or an exported / sentence-transformers folder."""
     from minilm_sts.export import read_max_seq_length
 
     path = Path(path)
     if path.is_file():
+        _check_checkpoint(path)
         return SentenceEmbedder.load_from_checkpoint(path, map_location=map_location).eval()
     if path.is_dir():
         max_seq_length = read_max_seq_length(path) or 128

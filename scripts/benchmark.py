@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 MAX_SEQ_LENGTH = 128
+SEED_EPOCH_PAIRS = 489_640  # the seed model's training set
 
 
 def parse_args() -> argparse.Namespace:
@@ -38,6 +39,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--encode-sentences", type=int, default=2048)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--rss-steps", type=int, default=60, help="steps of the peak-memory fit runs (0: skip)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--precision", default="32", choices=["32", "16-mixed", "bf16-mixed"])
+    parser.add_argument("--skip-encode", action="store_true")
     parser.add_argument("--quick", action="store_true", help="fewer steps and sentences: under 2 minutes")
     parser.add_argument("--json", type=Path, default=Path("benchmark.json"))
     parser.add_argument("--child", choices=["ours", "reference"], help=argparse.SUPPRESS)
@@ -58,55 +62,72 @@ def batch_plan(size: int, batch_size: int, count: int) -> list[list[int]]:
     return [order[(i * batch_size) % size:][:batch_size] for i in range(count)]
 
 
-class Ours:
+class Trainee:
+    """One side of the comparison: the same optimizer step (fused AdamW, clipping at 1.0, fp16 loss scaling
+    when asked) around each side's own loss."""
+
+    def __init__(self, model: torch.nn.Module, device: str, precision: str):
+        self.model, self.device = model.to(device).train(), device
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.0, fused=True)
+        dtype = {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}.get(precision)
+        self.autocast = torch.autocast(device, dtype=dtype, enabled=dtype is not None)
+        self.scaler = torch.amp.GradScaler(device, enabled=precision == "16-mixed")
+
+    def step(self, indices: list[int]) -> None:
+        with self.autocast:
+            loss = self.loss(indices)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+
+
+class Ours(Trainee):
     name = "minilm_sts"
 
-    def __init__(self, pairs):
+    def __init__(self, pairs, device: str, precision: str):
         from minilm_sts.datamodule import PairDataset
         from minilm_sts.module import SentenceEmbedder
 
-        self.model = SentenceEmbedder(pretrained=model_path()).train()
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=5e-5, weight_decay=0.0, fused=True)
+        super().__init__(SentenceEmbedder(pretrained=model_path()), device, precision)
         self.dataset = PairDataset(pairs)
 
-    def step(self, indices: list[int]) -> None:
+    def loss(self, indices: list[int]) -> torch.Tensor:
         from minilm_sts.similarity import cosine_mse_loss
 
-        batch = self.dataset.collate(indices)
+        batch = {k: v.to(self.device) for k, v in self.dataset.collate(indices).items()}
         u, v = self.model(batch["input_ids"], batch["lengths"]).chunk(2)
-        cosine_mse_loss(u, v, batch["labels"]).backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        return cosine_mse_loss(u, v, batch["labels"])
 
     def encode(self, sentences: list[str], batch_size: int) -> None:
         self.model.encode(sentences, batch_size=batch_size)
 
 
-class Reference:
+class Reference(Trainee):
     name = "sentence-transformers"
 
-    def __init__(self, table):
+    def __init__(self, table, device: str, precision: str):
         from sentence_transformers import SentenceTransformer
         from sentence_transformers.sentence_transformer.losses import CosineSimilarityLoss
 
-        self.model = SentenceTransformer(model_path(), device="cpu")
-        self.model.max_seq_length = MAX_SEQ_LENGTH
-        self.model.train()
-        self.loss = CosineSimilarityLoss(self.model)
-        # The Trainer's default optimizer on torch >= 2.8 is fused AdamW; clipping at 1.0 like ours.
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=5e-5, weight_decay=0.0, fused=True)
+        model = SentenceTransformer(model_path(), device=device)
+        model.max_seq_length = MAX_SEQ_LENGTH
+        super().__init__(model, device, precision)
+        self.criterion = CosineSimilarityLoss(model)
         self.table = table
 
-    def step(self, indices: list[int]) -> None:
+    def loss(self, indices: list[int]) -> torch.Tensor:
         # Tokenizing both columns is part of each step, as in the reference's data collator.
         a = [self.table.sentences_a[i] for i in indices]
         b = [self.table.sentences_b[i] for i in indices]
-        labels = torch.tensor([self.table.labels[i] for i in indices])
-        self.loss([self.model.tokenize(a), self.model.tokenize(b)], labels).backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        labels = torch.tensor([self.table.labels[i] for i in indices], device=self.device)
+        features = [{k: v.to(self.device) if torch.is_tensor(v) else v for k, v in self.model.preprocess(column).items()}
+                    for column in (a, b)]
+        return self.criterion(features, labels)
 
     def encode(self, sentences: list[str], batch_size: int) -> None:
         self.model.encode(sentences, batch_size=batch_size)
@@ -123,6 +144,17 @@ def alternate(sides, work, rounds: int, repeats: int) -> dict[str, float]:
                 if round_index:  # round 0 warms up
                     times[side.name].append(time.perf_counter() - started)
     return {name: statistics.median(values) for name, values in times.items()}
+
+
+def peak_gpu_memory(sides, plan, args) -> dict[str, float]:
+    """Peak GPU memory of a few more steps of each side, measured one side at a time."""
+    peaks = {}
+    for side in sides:
+        torch.cuda.reset_peak_memory_stats()
+        for _ in range(args.steps):
+            side.step(next(plan))
+        peaks[side.name] = torch.cuda.max_memory_allocated() / 2**30
+    return peaks
 
 
 def padding_stats(table, pairs, plan) -> dict[str, float]:
@@ -181,7 +213,7 @@ def child(args) -> None:
     from minilm_sts.pairs import read_pairs
 
     table = read_pairs(args.data, label_scale=args.label_scale)
-    reference = Reference(table)
+    reference = Reference(table, args.device, args.precision)
     for indices in batch_plan(len(table), args.batch_size, args.rss_steps):
         reference.step(indices)
 
@@ -198,18 +230,21 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(model_path())
     costs, pairs = tokenization_cost(args.data, args.label_scale, tokenizer)
     table = read_pairs(args.data, label_scale=args.label_scale)
-    ours, reference = Ours(pairs), Reference(table)
+    ours, reference = Ours(pairs, args.device, args.precision), Reference(table, args.device, args.precision)
     sides = [reference, ours]
     plan = iter(batch_plan(len(table), args.batch_size, (args.rounds + 1) * args.steps * 2))
     step_seconds = alternate(sides, lambda side: side.step(next(plan)), args.rounds, args.steps)
     stats = padding_stats(table, pairs, batch_plan(len(table), args.batch_size, 200))
     sentences = list(dict.fromkeys(table.sentences_a + table.sentences_b))[: args.encode_sentences]
     encode = {}
-    for batch_size in (32, 128):
+    for batch_size in () if args.skip_encode else (32, 128):
         seconds = alternate(sides, lambda side: side.encode(sentences, batch_size), rounds=3, repeats=1)
         encode[batch_size] = {name: len(sentences) / s for name, s in seconds.items()}
     result = {
         "data": args.data, "pairs": len(table), "batch_size": args.batch_size, "threads": args.threads,
+        "device": args.device, "precision": args.precision,
+        "seed_epoch_minutes": {name: SEED_EPOCH_PAIRS / args.batch_size * s / 60 for name, s in step_seconds.items()},
+        "peak_gpu_memory_gib": peak_gpu_memory(sides, plan, args) if args.device == "cuda" else {},
         "train_steps_measured": args.rounds * args.steps, "rss_steps": args.rss_steps,
         "train_pairs_per_sec": {name: args.batch_size / s for name, s in step_seconds.items()},
         "train_tokens_per_sec": {name: stats["real_tokens_per_batch"] / s for name, s in step_seconds.items()},
@@ -224,15 +259,17 @@ def main() -> None:
 
 def markdown(r: dict) -> str:
     ours, ref = "minilm_sts", "sentence-transformers"
-    rows = [("training pairs/s", r["train_pairs_per_sec"]), ("training real tokens/s", r["train_tokens_per_sec"]),
-            ("encode sentences/s, batch 32", r["encode_sentences_per_sec"][32]),
-            ("encode sentences/s, batch 128", r["encode_sentences_per_sec"][128])]
-    lines = [f"Data: `{r['data']}` ({r['pairs']:,} pairs), batch {r['batch_size']}, max length {MAX_SEQ_LENGTH}, fp32, "
-             f"{r['threads']} threads, {r['train_steps_measured']} measured steps per side.", "",
-             f"| measure | {ref} | {ours} | ratio |", "|---|---|---|---|"]
-    lines += [f"| {name} | {v[ref]:.1f} | {v[ours]:.1f} | {v[ours] / v[ref]:.2f}x |" for name, v in rows]
+    rows = [("training pairs/s", r["train_pairs_per_sec"], ".1f"), ("training real tokens/s", r["train_tokens_per_sec"], ".0f"),
+            (f"projected {SEED_EPOCH_PAIRS:,}-pair epoch, minutes", r["seed_epoch_minutes"], ".1f")]
+    rows += [(f"encode sentences/s, batch {size}", values, ".1f") for size, values in r["encode_sentences_per_sec"].items()]
     if r["peak_rss_gib"]:
-        lines.append(f"| peak RSS of a {r['rss_steps']}-step training run, GiB | {r['peak_rss_gib'][ref]:.2f} | {r['peak_rss_gib'][ours]:.2f} | |")
+        rows.append((f"peak RSS of a {r['rss_steps']}-step training run, GiB", r["peak_rss_gib"], ".2f"))
+    if r["peak_gpu_memory_gib"]:
+        rows.append(("peak GPU memory, GiB", r["peak_gpu_memory_gib"], ".2f"))
+    lines = [f"Data: `{r['data']}` ({r['pairs']:,} pairs), batch {r['batch_size']}, max length {MAX_SEQ_LENGTH}, "
+             f"{r['device']}, precision {r['precision']}, {r['threads']} threads, {r['train_steps_measured']} measured "
+             "steps per side.", "", f"| measure | {ref} | {ours} | ratio |", "|---|---|---|---|"]
+    lines += [f"| {name} | {v[ref]:{fmt}} | {v[ours]:{fmt}} | {v[ours] / v[ref]:.2f}x |" for name, v, fmt in rows]
     lines += ["", "| tokens per batch | |", "|---|---|",
               f"| real (what minilm_sts's projections and feed-forward compute) | {r['real_tokens_per_batch']:.0f} |",
               f"| sentence-transformers (each column padded to its longest) | {r['reference_padded_tokens_per_batch']:.0f} |",
