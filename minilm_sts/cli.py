@@ -29,6 +29,7 @@ TRAINER_DEFAULTS = {
     "val_check_interval": 500,
     "default_root_dir": "runs",
     "log_every_n_steps": 1,  # train/loss at every step
+    "use_distributed_sampler": False,  # PairDataModule shards its own batches and evaluation sets
     "logger": lazy_instance(WandbRunLogger),  # --trainer.logger false turns logging off
     "callbacks": [lazy_instance(TrainingSpeed), lazy_instance(CosineLabelPicture), lazy_instance(SaveOnTerminate)],
 }

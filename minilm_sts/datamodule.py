@@ -7,9 +7,10 @@ from pathlib import Path
 from typing import Callable, Literal, Optional, Union
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from minilm_sts.pairs import PairDataError
 from minilm_sts.tokenized import TokenizedPairs, load_tokenized
@@ -36,6 +37,7 @@ class PairDataset(Dataset):
             "input_ids": torch.from_numpy(np.concatenate(sentences).astype(np.int64)),
             "lengths": torch.tensor([len(s) for s in sentences]),
             "labels": torch.from_numpy(np.asarray(self.pairs.labels[indices], dtype=np.float32)),
+            "indices": torch.tensor(indices),
         }
 
 
@@ -64,14 +66,17 @@ class PairBatches:
     out (sentence-transformers' round-robin sampler); `proportional` visits every batch of every dataset,
     picking the next dataset at random in proportion to its remaining batches. `batches_done` reports how many
     of this epoch's batches the trainer has trained on: saved in checkpoints, it makes the first pass after a
-    resume skip exactly those.
+    resume skip exactly those. Under distributed training, process `rank` of `world` takes every world-th batch
+    of the same plan, which is first padded by repeating its start so that every process gets as many.
     """
 
-    def __init__(self, sizes: list[int], batch_size: int, seed: int, mode: str, batches_done: Callable[[], int]):
+    def __init__(self, sizes: list[int], batch_size: int, seed: int, mode: str, batches_done: Callable[[], int],
+                 rank: int = 0, world: int = 1):
         if mode not in ("round_robin", "proportional"):
             raise ValueError(f"multi_dataset_sampler must be round_robin or proportional, got {mode!r}")
         self.sizes, self.batch_size, self.seed, self.mode = sizes, batch_size, seed, mode
         self.batches_done = batches_done
+        self.rank, self.world = rank, world
         self.epoch, self._skip = 0, 0
         self.sampler = self  # Lightning calls set_epoch on `batch_sampler.sampler`
 
@@ -81,11 +86,14 @@ class PairBatches:
 
     def __len__(self) -> int:
         counts = [math.ceil(size / self.batch_size) for size in self.sizes]
-        return min(counts) * len(counts) if self.mode == "round_robin" else sum(counts)
+        total = min(counts) * len(counts) if self.mode == "round_robin" else sum(counts)
+        return math.ceil(total / self.world)
 
     def __iter__(self):
         skip, self._skip = self._skip, 0
-        return iter(self._plan()[skip:])
+        plan = self._plan()
+        plan += plan[: len(self) * self.world - len(plan)]
+        return iter(plan[self.rank :: self.world][skip:])
 
     def _plan(self) -> list[list[int]]:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
@@ -177,6 +185,8 @@ class PairDataModule(L.LightningDataModule):
         multi_dataset_sampler: with several training sets, `round_robin` or `proportional`.
         monitor_val: the validation set whose scores are also logged as `val/spearman_cosine` etc., the keys
             checkpoint selection uses (default: the first).
+        drop_invalid: leave out rows with an empty sentence or a bad label instead of stopping (counted and
+            reported). Off by default: bad input is an error.
     """
 
     def __init__(
@@ -192,6 +202,7 @@ class PairDataModule(L.LightningDataModule):
         seed: int = 42,
         multi_dataset_sampler: Literal["round_robin", "proportional"] = "round_robin",
         monitor_val: Optional[str] = None,
+        drop_invalid: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -217,9 +228,12 @@ class PairDataModule(L.LightningDataModule):
 
     def _load(self, split: str, source: str) -> PairDataset:
         h = self.hparams
-        pairs = load_tokenized(source, self.tokenizer, self.max_seq_length, h.sentence_columns, h.label_column, h.label_scale)
+        pairs = load_tokenized(source, self.tokenizer, self.max_seq_length, h.sentence_columns, h.label_column,
+                               h.label_scale, h.drop_invalid)
         if split != "train":
             _check_correlation_defined(source, pairs)
+        rank_zero_info(f"{split}: {len(pairs):,} pairs from {source}; {pairs.at_max_length} sentence(s) reached "
+                       f"{self.max_seq_length} tokens and were truncated; {pairs.dropped} invalid row(s) dropped")
         return PairDataset(pairs)
 
     def eval_names(self, split: str) -> list[str]:
@@ -249,12 +263,14 @@ class PairDataModule(L.LightningDataModule):
             "label": {label: summary_stats(pairs.labels[:rows])},
             "samples": [list(row) for row in pairs.samples],
             "at_max_length": pairs.at_max_length,
+            "dropped": pairs.dropped,
         }
 
     def train_dataloader(self) -> DataLoader:
         parts = list(self.datasets["train"].values())
-        h = self.hparams
-        batches = PairBatches([len(p) for p in parts], h.batch_size, h.seed, h.multi_dataset_sampler, self._batches_trained)
+        h, trainer = self.hparams, self.trainer
+        batches = PairBatches([len(p) for p in parts], h.batch_size, h.seed, h.multi_dataset_sampler, self._batches_trained,
+                              rank=trainer.global_rank, world=trainer.world_size)
         if self._batches_state is not None:
             batches.load_state_dict(self._batches_state)
             self._batches_state = None
@@ -268,9 +284,18 @@ class PairDataModule(L.LightningDataModule):
         return self._eval_loaders("test")
 
     def _eval_loaders(self, split: str) -> Union[DataLoader, list[DataLoader]]:
-        loaders = [self._loader(DataLoader, self.datasets[split][name], batch_size=self.hparams.batch_size)
+        loaders = [self._loader(DataLoader, self.datasets[split][name], batch_size=self.hparams.batch_size,
+                                sampler=self._eval_sampler(self.datasets[split][name]))
                    for name in self.eval_names(split)]
         return loaders[0] if len(loaders) == 1 else loaders
+
+    def _eval_sampler(self, dataset: PairDataset) -> Optional[DistributedSampler]:
+        """Under distributed training each process scores a shard. DistributedSampler pads the shards with
+        repeated pairs; every batch carries its pair indices, so the module drops those repeats after gathering."""
+        trainer = self.trainer
+        if trainer is None or trainer.world_size == 1:
+            return None
+        return DistributedSampler(dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False)
 
     def _loader(self, loader_class: type, dataset: Dataset, **kwargs) -> DataLoader:
         # Each loader gets its own generator: creating an iterator then never draws from the global RNG, so

@@ -217,7 +217,8 @@ class SentenceEmbedder(L.LightningModule):
     def _collect_scores(self, stage: str, dataloader_idx: int, batch: dict) -> None:
         u, v = self._pair_embeddings(batch)
         cosine = F.cosine_similarity(u.float(), v.float(), dim=1)
-        self._scores[(stage, dataloader_idx)].append(torch.stack([cosine.detach(), batch["labels"].float()]))
+        rows = [cosine.detach().double(), batch["labels"].double(), batch["indices"].double()]
+        self._scores[(stage, dataloader_idx)].append(torch.stack(rows))
 
     def on_validation_epoch_end(self) -> None:
         values = self._log_correlations("val")
@@ -240,7 +241,7 @@ class SentenceEmbedder(L.LightningModule):
         names = datamodule.eval_names(stage) if hasattr(datamodule, "eval_names") else [stage]
         logged, primary = {}, {}
         for index, name in enumerate(names):
-            cosine, labels = torch.cat(self._scores.pop((stage, index)), dim=1).cpu()
+            cosine, labels = self._gathered_scores(stage, index)
             values = correlations(cosine, labels)
             if index == 0:
                 primary, self.last_scores[stage] = values, (cosine, labels)
@@ -249,6 +250,17 @@ class SentenceEmbedder(L.LightningModule):
                 logged.update({f"{stage}/{name}/{metric}": value for metric, value in values.items()})
         self.log_dict(logged, prog_bar=len(names) == 1, add_dataloader_idx=False)
         return primary
+
+    def _gathered_scores(self, stage: str, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cosine, label) over the whole evaluation set: gathered from every process, each pair once (the
+        distributed sampler's padding repeats some), in pair order."""
+        scores = torch.cat(self._scores.pop((stage, index)), dim=1)
+        if self.trainer.world_size > 1:
+            scores = self.all_gather(scores).transpose(0, 1).reshape(3, -1)
+        scores = scores.cpu()
+        _, first = np.unique(scores[2].numpy(), return_index=True)
+        kept = scores[:, torch.from_numpy(first)]
+        return kept[0], kept[1]
 
     @staticmethod
     def similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

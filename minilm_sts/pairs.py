@@ -11,6 +11,7 @@ import gzip
 import io
 import json
 import math
+import warnings
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -32,6 +33,7 @@ class PairTable:
     sentences_b: list[str]
     labels: list[float]
     columns: tuple[str, str, str] = ("sentence_0", "sentence_1", "label")
+    dropped: int = 0  # invalid rows left out under drop_invalid
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -67,17 +69,33 @@ def read_pairs(
     sentence_columns: Sequence[str] | None = None,
     label_column: str | None = None,
     label_scale: float = 1.0,
+    drop_invalid: bool = False,
 ) -> PairTable:
-    """Read and validate a pair source. None for a column argument means: recognise the usual names."""
+    """Read and validate a pair source. None for a column argument means: recognise the usual names.
+
+    A row with an empty sentence or a bad label is an error, unless `drop_invalid`: then such rows are left
+    out, counted and reported in a warning. Structural problems (columns, quoting, encoding) always stop.
+    """
     raw = _read_raw(source)
     if not raw.columns or not next(iter(raw.columns.values()), []):
         raise PairDataError(f"{source}: no data rows")
     col_a, col_b = _pick_sentence_columns(source, raw.columns, sentence_columns)
     label_col = _pick_label_column(source, raw.columns, label_column)
-    sentences_a = _check_sentences(source, raw, col_a)
-    sentences_b = _check_sentences(source, raw, col_b)
-    labels = _check_labels(source, raw, label_col, label_scale)
-    return PairTable(source, sentences_a, sentences_b, labels, (col_a, col_b, label_col))
+    sentences_a, bad_a = _check_sentences(source, raw, col_a)
+    sentences_b, bad_b = _check_sentences(source, raw, col_b)
+    labels, bad_labels = _check_labels(source, raw, label_col, label_scale)
+    bad = {}
+    for problems in (bad_a, bad_b, bad_labels):
+        if problems and not drop_invalid:
+            first = next(iter(problems.values()))
+            raise PairDataError(f"{first} ({len(problems)} such row(s) in all){_scale_hint(labels, label_scale, problems is bad_labels)}")
+        bad = {**problems, **bad}
+    if bad:
+        warnings.warn(f"{source}: dropped {len(bad)} invalid row(s) of {len(labels)} (drop_invalid); the first: "
+                      f"{bad[min(bad)]}", stacklevel=2)
+        keep = [i for i in range(len(labels)) if i not in bad]
+        sentences_a, sentences_b, labels = ([column[i] for i in keep] for column in (sentences_a, sentences_b, labels))
+    return PairTable(source, sentences_a, sentences_b, labels, (col_a, col_b, label_col), len(bad))
 
 
 def read_sentences(source: str, column: str | None = None) -> list[str]:
@@ -99,7 +117,7 @@ def read_sentences(source: str, column: str | None = None) -> list[str]:
             raise PairDataError(f"{source}: column {column!r} not found; the columns are {list(raw.columns)}")
     if not raw.columns[column]:
         raise PairDataError(f"{source}: no sentences")
-    return _check_sentences(source, raw, column)
+    return _checked_sentences(source, raw, column)
 
 
 def read_unlabelled_pairs(source: str, sentence_columns: Sequence[str] | None = None) -> tuple[list[str], list[str]] | None:
@@ -111,7 +129,7 @@ def read_unlabelled_pairs(source: str, sentence_columns: Sequence[str] | None = 
         if sentence_columns:
             raise
         return None
-    return _check_sentences(source, raw, col_a), _check_sentences(source, raw, col_b)
+    return _checked_sentences(source, raw, col_a), _checked_sentences(source, raw, col_b)
 
 
 def _pick_sentence_columns(source: str, columns: dict, wanted: Sequence[str] | None) -> tuple[str, str]:
@@ -133,40 +151,45 @@ def _pick_label_column(source: str, columns: dict, wanted: str | None) -> str:
     raise PairDataError(f"{source}: label column {' or '.join(choices)} not found; the columns are {list(columns)}")
 
 
-def _check_sentences(source: str, raw: RawColumns, column: str) -> list[str]:
+def _check_sentences(source: str, raw: RawColumns, column: str) -> tuple[list, dict[int, str]]:
+    """The column, and a message for each row that holds no sentence."""
     values = raw.columns[column]
-    bad = [i for i, text in enumerate(values) if not isinstance(text, str) or not text.strip()]
+    bad = {i: f"{source}, {raw.where(i)}, column {column!r}: expected a non-empty sentence, got {text!r}"
+           for i, text in enumerate(values) if not isinstance(text, str) or not text.strip()}
+    return values, bad
+
+
+def _checked_sentences(source: str, raw: RawColumns, column: str) -> list[str]:
+    values, bad = _check_sentences(source, raw, column)
     if bad:
-        first = bad[0]
-        raise PairDataError(
-            f"{source}, {raw.where(first)}, column {column!r}: expected a non-empty sentence, got {values[first]!r}"
-            f" ({len(bad)} such row(s) in all)"
-        )
+        raise PairDataError(f"{next(iter(bad.values()))} ({len(bad)} such row(s) in all)")
     return values
 
 
-def _check_labels(source: str, raw: RawColumns, column: str, scale: float) -> list[float]:
+def _check_labels(source: str, raw: RawColumns, column: str, scale: float) -> tuple[list[float], dict[int, str]]:
+    """Labels divided by `scale`, and a message for each row whose label is not a number in [0, 1] after that."""
     if not (scale > 0 and math.isfinite(scale)):
         raise PairDataError(f"{source}: label_scale must be a positive number, got {scale}")
-    labels = []
+    labels, bad = [], {}
     for i, value in enumerate(raw.columns[column]):
         try:
-            number = float(value)
+            number = float(value) / scale
         except (TypeError, ValueError):
             number = math.nan
+        labels.append(number)
+        where = f"{source}, {raw.where(i)}, column {column!r}"
         if not math.isfinite(number):
-            raise PairDataError(f"{source}, {raw.where(i)}, column {column!r}: expected a finite number, got {value!r}")
-        labels.append(number / scale)
-    outside = [i for i, y in enumerate(labels) if not 0.0 <= y <= 1.0]
-    if outside:
-        first = outside[0]
-        top = max(labels) * scale
-        hint = f" Labels reach {top:g}: set label_scale to {math.ceil(top):g} if that is the top of the scale." if top > 1 else ""
-        raise PairDataError(
-            f"{source}, {raw.where(first)}, column {column!r}: expected a label in [0, 1] after dividing by "
-            f"label_scale={scale:g}, got {raw.columns[column][first]!r} ({len(outside)} such row(s) in all).{hint}"
-        )
-    return labels
+            bad[i] = f"{where}: expected a finite number, got {value!r}"
+        elif not 0.0 <= number <= 1.0:
+            bad[i] = f"{where}: expected a label in [0, 1] after dividing by label_scale={scale:g}, got {value!r}"
+    return labels, bad
+
+
+def _scale_hint(labels: list[float], scale: float, about_labels: bool) -> str:
+    top = max((y for y in labels if math.isfinite(y)), default=0.0) * scale
+    if not about_labels or top <= 1:
+        return ""
+    return f". Labels reach {top:g}: set label_scale to {math.ceil(top):g} if that is the top of the scale."
 
 
 def _read_raw(source: str) -> RawColumns:

@@ -21,10 +21,10 @@ import numpy as np
 
 from minilm_sts.pairs import local_path, read_pairs
 
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3
 TOKENIZE_CHUNK = 8192
 ARRAYS = ("ids", "offsets", "labels")
-META = ("at_max_length", "columns", "samples")
+META = ("at_max_length", "columns", "samples", "dropped")
 SAMPLE_ROWS = 3
 
 
@@ -42,6 +42,7 @@ class TokenizedPairs:
     at_max_length: int = 0
     columns: tuple = ("sentence_0", "sentence_1", "label")
     samples: tuple = ()  # the first rows as (sentence A, sentence B, label), for model cards
+    dropped: int = 0  # invalid rows left out under drop_invalid
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -75,19 +76,21 @@ def load_tokenized(
     sentence_columns: Sequence[str] | None = None,
     label_column: str | None = None,
     label_scale: float = 1.0,
+    drop_invalid: bool = False,
 ) -> TokenizedPairs:
     """Tokenized pairs for `source`, from the cache when an entry with the same key exists."""
     options = {"max_length": max_length, "sentence_columns": list(sentence_columns or []), "label_column": label_column,
-               "label_scale": label_scale, "format": CACHE_FORMAT}
+               "label_scale": label_scale, "drop_invalid": drop_invalid, "format": CACHE_FORMAT}
     entry = cache_root() / _cache_key(source, tokenizer, options)
     cached = _read_entry(entry)
     if cached is not None:
         return cached
-    table = read_pairs(source, sentence_columns, label_column, label_scale)
+    table = read_pairs(source, sentence_columns, label_column, label_scale, drop_invalid)
     interleaved = [text for pair in zip(table.sentences_a, table.sentences_b) for text in pair]
     ids, offsets, at_limit = tokenize_texts(tokenizer, interleaved, max_length)
     samples = tuple(zip(table.sentences_a[:SAMPLE_ROWS], table.sentences_b[:SAMPLE_ROWS], table.labels[:SAMPLE_ROWS]))
-    pairs = TokenizedPairs(ids, offsets, np.asarray(table.labels, dtype=np.float32), at_limit, table.columns, samples)
+    pairs = TokenizedPairs(ids, offsets, np.asarray(table.labels, dtype=np.float32), at_limit, table.columns, samples,
+                           table.dropped)
     _write_entry(entry, pairs)
     return pairs
 

@@ -191,16 +191,23 @@ def peak_rss_gib(side: str, args) -> float:
     """Peak resident memory of a separate process training `args.rss_steps` steps."""
     command = [sys.executable, __file__, "--child", side, "--data", args.data, "--label-scale", str(args.label_scale),
                "--rss-steps", str(args.rss_steps), "--threads", str(args.threads), "--batch-size", str(args.batch_size)]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _, status, usage = os.wait4(process.pid, 0)  # this child's own peak, not the max over all children
-    process.returncode = os.waitstatus_to_exitcode(status)
-    if process.returncode:
-        raise RuntimeError(f"the peak-memory run failed: {' '.join(command)}")
-    return usage.ru_maxrss / 2**20  # kB -> GiB
+    # The child reports its own high-water mark: getrusage's ru_maxrss of a child would start from this large
+    # parent's size at fork time.
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode:
+        raise RuntimeError(f"the peak-memory run failed: {' '.join(command)}\n{result.stderr[-2000:]}")
+    kilobytes = int(result.stdout.split("PEAK_RSS_KB")[-1].split()[0])
+    return kilobytes / 2**20
 
 
 def child(args) -> None:
     """The process `peak_rss_gib` measures: the fit subcommand for ours, a training loop for the reference."""
+    train_in_child(args)
+    peak = [line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM")]
+    print("PEAK_RSS_KB", peak[0].split()[1])
+
+
+def train_in_child(args) -> None:
     if args.child == "ours":
         from minilm_sts.cli import main
 

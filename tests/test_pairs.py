@@ -98,3 +98,13 @@ def test_bad_files(tmp_path):
         read_pairs("builtin:stsb/validation")
     with pytest.raises(PairDataError, match=r"expected hf:NAME\[:CONFIG\]:SPLIT"):
         read_pairs("hf:only-a-name")
+
+
+def test_drop_invalid_is_opt_in_counted_and_reported(tmp_path):
+    rows = [["a dog", "a cat", "0.5"], ["", "a cat", "0.5"], ["a man", "a woman", "nan"], ["b", "c", "7"], ["d", "e", "1"]]
+    path = write_tsv(tmp_path / "mixed.tsv", rows)
+    with pytest.raises(PairDataError, match="line 3"):
+        read_pairs(str(path))
+    with pytest.warns(UserWarning, match=r"dropped 3 invalid row\(s\) of 5 \(drop_invalid\); the first: .*line 3"):
+        table = read_pairs(str(path), drop_invalid=True)
+    assert table.sentences_a == ["a dog", "d"] and table.labels == [0.5, 1.0] and table.dropped == 3
