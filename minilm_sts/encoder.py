@@ -5,7 +5,8 @@ Leaf to root: layouts -> embeddings -> self-attention -> feed-forward -> layer -
 A layout says how a batch of sentences sits in memory. `PaddedLayout` is the usual (B, L) right-padded
 batch, where every projection also runs on padding. `PackedLayout` keeps only the real tokens, (T, D) with
 T the sum of sentence lengths: projections, feed-forward and LayerNorm run on real tokens alone, and only
-attention scatters them into a padded (B, L) block for `scaled_dot_product_attention`. Both compute the same
+attention scatters them into small padded blocks of similar-length sentences for
+`scaled_dot_product_attention`. Both compute the same
 embeddings; packing does less work when sentence lengths vary, which they always do.
 """
 
@@ -65,41 +66,70 @@ class PaddedLayout:
 
     def __init__(self, attention_mask: torch.Tensor):
         self.attention_mask = attention_mask
-        self.mask = attention_mask.bool()[:, None, None, :]  # broadcast over heads and query positions
         self.positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
 
-    def to_padded(self, x: torch.Tensor) -> torch.Tensor:
-        return x
+    def arrange(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return input_ids
 
-    def from_padded(self, x: torch.Tensor) -> torch.Tensor:
-        return x
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, dropout: float) -> torch.Tensor:
+        mask = self.attention_mask.bool()[:, None, None, :]  # broadcast over heads and query positions
+        return attend_padded(q, k, v, heads, mask, dropout)
 
     def mean_pool(self, hidden: torch.Tensor) -> torch.Tensor:
         return mean_pool(hidden, self.attention_mask)
 
 
 class PackedLayout:
-    """Only real tokens: sentence i holds the next `lengths[i]` rows of a (T, D) tensor."""
+    """Only real tokens: the input holds sentence i's `lengths[i]` token ids end to end.
 
-    def __init__(self, lengths: torch.Tensor):
-        self.batch, self.width = len(lengths), int(lengths.max())
-        self.sentence = torch.repeat_interleave(torch.arange(self.batch, device=lengths.device), lengths)
-        starts = torch.cumsum(lengths, 0) - lengths
-        self.positions = torch.arange(len(self.sentence), device=lengths.device) - starts[self.sentence]
-        self.slots = self.sentence * self.width + self.positions  # each token's row in the padded block
+    Inside the encoder the sentences are reordered shortest first, so that attention can take them in
+    contiguous groups of `group_size`, each padded only to its own longest sentence: a long outlier pads its
+    own group, not the whole batch. Pooling puts every sentence back in its place.
+    """
+
+    def __init__(self, lengths: torch.Tensor, group_size: int = 16):
+        device = lengths.device
         self.lengths = lengths
-        self.mask = (torch.arange(self.width, device=lengths.device) < lengths[:, None])[:, None, None, :]
+        order = torch.argsort(lengths, stable=True)
+        sorted_lengths = lengths[order]
+        self.sentence = torch.repeat_interleave(order, sorted_lengths)  # each row's sentence, in encoder order
+        row_starts = torch.cumsum(sorted_lengths, 0) - sorted_lengths
+        rows = torch.arange(len(self.sentence), device=device)
+        self.positions = rows - torch.repeat_interleave(row_starts, sorted_lengths)
+        input_starts = torch.cumsum(lengths, 0) - lengths
+        self.token_order = input_starts[self.sentence] + self.positions  # encoder row -> input position
+        self.groups = []
+        for first in range(0, len(order), group_size):
+            group_lengths = sorted_lengths[first : first + group_size]
+            width, begin = int(group_lengths[-1]), int(row_starts[first])
+            rank = torch.repeat_interleave(torch.arange(len(group_lengths), device=device), group_lengths)
+            slots = rank * width + self.positions[begin : begin + int(group_lengths.sum())]
+            mask = (torch.arange(width, device=device) < group_lengths[:, None])[:, None, None, :]
+            self.groups.append((begin, slots, width, mask))
 
-    def to_padded(self, x: torch.Tensor) -> torch.Tensor:
-        padded = x.new_zeros(self.batch * self.width, x.shape[-1]).index_copy(0, self.slots, x)
-        return padded.view(self.batch, self.width, -1)
+    def arrange(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return input_ids[self.token_order]
 
-    def from_padded(self, x: torch.Tensor) -> torch.Tensor:
-        return x.reshape(self.batch * self.width, -1)[self.slots]
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, dropout: float) -> torch.Tensor:
+        outputs = []
+        for begin, slots, width, mask in self.groups:
+            count = len(mask)
+            blocks = [x.new_zeros(count * width, x.shape[-1]).index_copy(0, slots, x[begin : begin + len(slots)])
+                      .view(count, width, -1) for x in (q, k, v)]
+            outputs.append(attend_padded(*blocks, heads, mask, dropout).reshape(count * width, -1)[slots])
+        return torch.cat(outputs)
 
     def mean_pool(self, hidden: torch.Tensor) -> torch.Tensor:
-        sums = hidden.new_zeros(self.batch, hidden.shape[-1]).index_add(0, self.sentence, hidden)
+        sums = hidden.new_zeros(len(self.lengths), hidden.shape[-1]).index_add(0, self.sentence, hidden)
         return sums / self.lengths.unsqueeze(1).to(hidden.dtype).clamp(min=1e-9)
+
+
+def attend_padded(q, k, v, heads: int, mask: torch.Tensor, dropout: float) -> torch.Tensor:
+    """Multi-head scaled dot-product attention on (B, L, D) blocks, with a boolean key mask."""
+    batch, length, dim = q.shape
+    q, k, v = (x.view(batch, length, heads, dim // heads).transpose(1, 2) for x in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+    return out.transpose(1, 2).reshape(batch, length, dim)
 
 
 class Embeddings(nn.Module):
@@ -127,16 +157,8 @@ class SelfAttention(nn.Module):
         self.dropout_p = cfg.attention_probs_dropout_prob
 
     def forward(self, x: torch.Tensor, layout) -> torch.Tensor:
-        """Projections on x as laid out; attention per sentence on the padded block, masked to real keys."""
-        q, k, v = (self._heads(layout.to_padded(proj(x))) for proj in (self.query, self.key, self.value))
         dropout = self.dropout_p if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=layout.mask, dropout_p=dropout)
-        batch, _, length, _ = out.shape
-        return layout.from_padded(out.transpose(1, 2).reshape(batch, length, -1))
-
-    def _heads(self, x: torch.Tensor) -> torch.Tensor:
-        batch, length, dim = x.shape
-        return x.view(batch, length, self.num_heads, dim // self.num_heads).transpose(1, 2)
+        return layout.attend(self.query(x), self.key(x), self.value(x), self.num_heads, dropout)
 
 
 class DenseResidualNorm(nn.Module):
@@ -217,8 +239,9 @@ class BertEncoder(nn.Module):
             nn.init.zeros_(module.bias)
 
     def forward(self, input_ids: torch.Tensor, layout) -> torch.Tensor:
-        """Token embeddings laid out like `input_ids`: (B, L, D) for a PaddedLayout, (T, D) for a PackedLayout."""
-        x = self.embeddings(input_ids, layout.positions)
+        """Token embeddings as the layout arranges them: (B, L, D) for a PaddedLayout, (T, D) for a PackedLayout
+        (in its shortest-sentence-first order)."""
+        x = self.embeddings(layout.arrange(input_ids), layout.positions)
         for layer in self.encoder.layer:
             x = layer(x, layout)
         return x
