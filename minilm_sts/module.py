@@ -76,7 +76,9 @@ class SentenceEmbedder(L.LightningModule):
         self._loss_since_validation: list[torch.Tensor] = []
         self._resume_state: Optional[dict] = None
         self.skipped_steps = 0  # optimizer steps GradScaler skipped (fp16) in this process
-        self._scores: dict[tuple[str, int], list[torch.Tensor]] = defaultdict(list)  # (stage, set) -> [cos; label]
+        self._scale_before_step: Optional[float] = None
+        # (stage, evaluation set) -> per batch, rows [cosine; label; pair index]
+        self._scores: dict[tuple[str, int], list[torch.Tensor]] = defaultdict(list)
         # The latest split's (cosine, label) pairs, for pictures of separation.
         self.last_scores: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -183,7 +185,7 @@ class SentenceEmbedder(L.LightningModule):
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         """Under fp16 loss scaling, GradScaler skips a step with inf/NaN gradients and lowers its scale: count them."""
-        if getattr(self, "_scale_before_step", None) is None:
+        if self._scale_before_step is None:
             return
         if self.trainer.precision_plugin.scaler.get_scale() < self._scale_before_step:
             self.skipped_steps += 1

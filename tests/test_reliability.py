@@ -121,3 +121,39 @@ def test_parquet_with_wrong_types(tmp_path):
     pq.write_table(pa.table({"sentence_0": ["a"], "sentence_1": ["b"], "label": [None]}), tmp_path / "n.parquet")
     with pytest.raises(PairDataError, match="row 1, column 'label': expected a finite number, got None"):
         read_pairs(str(tmp_path / "n.parquet"))
+
+
+KILLED_RUN = """
+import os, signal, sys
+import lightning as L
+sys.path.insert(0, {tests!r})
+from test_resume import run
+
+class SigkillAtStep(L.Callback):
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == 8:  # after last.ckpt of step 7, before step 8's is written
+            os.kill(os.getpid(), signal.SIGKILL)
+
+pair_files = {{"train": {train!r}, "val": {val!r}}}
+run({model!r}, pair_files, {root!r}, callbacks=[SigkillAtStep()])
+"""
+
+
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tiny_model_dir, pair_files, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    full, _ = run(tiny_model_dir, pair_files, tmp_path / "full")
+    script = KILLED_RUN.format(tests=str(Path(__file__).parent), train=str(pair_files["train"]), val=str(pair_files["val"]),
+                               model=str(tiny_model_dir), root=str(tmp_path / "part"))
+    killed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert torch.load(tmp_path / "part" / "last.ckpt", weights_only=True)["global_step"] == 7
+    assert not list((tmp_path / "part").glob("*.tmp*"))  # no half-written file left beside it
+    resumed, trainer = run(tiny_model_dir, pair_files, tmp_path / "part", ckpt_path=tmp_path / "part" / "last.ckpt")
+    assert trainer.global_step == 10
+    assert [r["spearman_cosine"] for r in resumed.run_record["log"]] == pytest.approx(
+        [r["spearman_cosine"] for r in full.run_record["log"]], abs=1e-6)
+    for a, b in zip(full.parameters(), resumed.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
