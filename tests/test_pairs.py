@@ -108,3 +108,18 @@ def test_drop_invalid_is_opt_in_counted_and_reported(tmp_path):
     with pytest.warns(UserWarning, match=r"dropped 3 invalid row\(s\) of 5 \(drop_invalid\); the first: .*line 3"):
         table = read_pairs(str(path), drop_invalid=True)
     assert table.sentences_a == ["a dog", "d"] and table.labels == [0.5, 1.0] and table.dropped == 3
+
+
+def test_hugging_face_dataset_while_offline(monkeypatch):
+    import sys
+    import types
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'org/pairs' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=offline))
+    with pytest.raises(PairDataError, match=r"hf:org/pairs:train: could not load the Hugging Face dataset \(ConnectionError"):
+        read_pairs("hf:org/pairs:train")
+    monkeypatch.setitem(sys.modules, "datasets", None)  # not installed at all
+    with pytest.raises(PairDataError, match="need the `datasets` package"):
+        read_pairs("hf:org/pairs:train")
