@@ -4,7 +4,6 @@ import os
 import signal
 
 import lightning as L
-import numpy as np
 import pytest
 import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException

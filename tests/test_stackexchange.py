@@ -7,7 +7,6 @@ or repeats, so 9 + 11 = 20 positives.
 """
 
 import tracemalloc
-from pathlib import Path
 
 import pytest
 
