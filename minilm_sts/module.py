@@ -128,15 +128,18 @@ class SentenceEmbedder(L.LightningModule):
     @torch.inference_mode()
     def encode(self, sentences: Sequence[str], batch_size: int = 32, normalize: bool = True,
                device: Optional[str | torch.device] = None, show_progress: bool = False) -> torch.Tensor:
-        """Embeddings (N, D) in input order, float32 on the CPU. Sentences are batched longest first so each
-        batch pads little; the order is restored afterwards."""
+        """Embeddings (N, D) in input order, float32 on the CPU. Sentences are batched by token length so each
+        batch's attention pads little; the order is restored afterwards."""
         if isinstance(sentences, str):
             raise TypeError("encode takes a list of sentences; wrap a single sentence in a list")
         if device is not None:
             self.to(device)
         was_training = self.training
         self.eval()
-        order = sorted(range(len(sentences)), key=lambda i: -len(sentences[i]))
+        # One tokenizer call for everything, then batches of similar token length, longest first.
+        ids, offsets, _ = tokenize_texts(self.tokenizer, sentences, self.hparams.max_seq_length)
+        lengths = np.diff(offsets)
+        order = np.argsort(-lengths, kind="stable")
         out = torch.empty(len(sentences), self.encoder.config.hidden_size)
         starts = range(0, len(order), batch_size)
         if show_progress:
@@ -145,11 +148,11 @@ class SentenceEmbedder(L.LightningModule):
             starts = tqdm(starts, desc="Encoding", unit="batch")
         for start in starts:
             chunk = order[start : start + batch_size]
-            batch = {k: v.to(self.device) for k, v in self.tokenize([sentences[i] for i in chunk]).items()}
-            embeddings = self(batch["input_ids"], batch["lengths"]).float()
+            input_ids = np.concatenate([ids[offsets[i] : offsets[i + 1]] for i in chunk]).astype(np.int64)
+            embeddings = self(torch.from_numpy(input_ids).to(self.device), torch.from_numpy(lengths[chunk]).to(self.device))
             if normalize:
-                embeddings = F.normalize(embeddings, p=2, dim=1)
-            out[chunk] = embeddings.cpu()
+                embeddings = F.normalize(embeddings.float(), p=2, dim=1)
+            out[torch.from_numpy(chunk)] = embeddings.float().cpu()
         self.train(was_training)
         return out
 
