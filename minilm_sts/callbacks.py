@@ -10,12 +10,16 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 
+def checkpoint_folder(trainer: L.Trainer) -> Path:
+    """Where this run's checkpoints go (the run folder when checkpointing is off)."""
+    checkpoint = trainer.checkpoint_callback
+    return Path(checkpoint.dirpath) if checkpoint and checkpoint.dirpath else Path(trainer.default_root_dir)
+
+
 def save_emergency_checkpoint(trainer: L.Trainer, name: str) -> Path:
     """Save the training state now, beside the regular checkpoints (Lightning writes it atomically: a temporary
     file that is renamed when complete, so a kill during the save never leaves a broken file)."""
-    checkpoint = trainer.checkpoint_callback
-    folder = Path(checkpoint.dirpath) if checkpoint and checkpoint.dirpath else Path(trainer.default_root_dir)
-    path = folder / name
+    path = checkpoint_folder(trainer) / name
     trainer.save_checkpoint(path)
     return path
 

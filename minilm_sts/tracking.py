@@ -14,6 +14,7 @@ from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
+from minilm_sts.callbacks import checkpoint_folder
 from minilm_sts.plots import save_cosine_label_picture
 
 WANDB_HOST = "api.wandb.ai"
@@ -88,8 +89,8 @@ class CosineLabelPicture(L.Callback):
         title = f"validation: cosine vs label at step {trainer.global_step}"
         if spearman is not None:
             title += f", spearman {float(spearman):.4f}"
-        folder = Path(trainer.checkpoint_callback.dirpath) if trainer.checkpoint_callback else Path(trainer.default_root_dir)
-        path = save_cosine_label_picture(cosine, labels, title, folder / f"cosine_vs_label_step{trainer.global_step}.png")
+        name = f"cosine_vs_label_step{trainer.global_step}.png"
+        path = save_cosine_label_picture(cosine, labels, title, checkpoint_folder(trainer) / name)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 import wandb
