@@ -137,9 +137,10 @@ class SentenceEmbedder(L.LightningModule):
         was_training = self.training
         self.eval()
         # One tokenizer call for everything, then batches of similar token length, longest first.
-        ids, offsets, _ = tokenize_texts(self.tokenizer, sentences, self.hparams.max_seq_length)
-        lengths = np.diff(offsets)
-        order = np.argsort(-lengths, kind="stable")
+        tokens = self.tokenize(sentences)
+        ids, lengths = tokens["input_ids"], tokens["lengths"]
+        offsets = torch.cumsum(lengths, 0) - lengths
+        order = torch.argsort(-lengths, stable=True)
         out = torch.empty(len(sentences), self.encoder.config.hidden_size)
         starts = range(0, len(order), batch_size)
         if show_progress:
@@ -148,11 +149,11 @@ class SentenceEmbedder(L.LightningModule):
             starts = tqdm(starts, desc="Encoding", unit="batch")
         for start in starts:
             chunk = order[start : start + batch_size]
-            input_ids = np.concatenate([ids[offsets[i] : offsets[i + 1]] for i in chunk]).astype(np.int64)
-            embeddings = self(torch.from_numpy(input_ids).to(self.device), torch.from_numpy(lengths[chunk]).to(self.device))
+            input_ids = torch.cat([ids[offsets[i] : offsets[i] + lengths[i]] for i in chunk.tolist()])
+            embeddings = self(input_ids.to(self.device), lengths[chunk].to(self.device)).float()
             if normalize:
-                embeddings = F.normalize(embeddings.float(), p=2, dim=1)
-            out[torch.from_numpy(chunk)] = embeddings.float().cpu()
+                embeddings = F.normalize(embeddings, p=2, dim=1)
+            out[chunk] = embeddings.cpu()
         self.train(was_training)
         return out
 

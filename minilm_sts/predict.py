@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
 from pathlib import Path
 
 import numpy as np
 
+from minilm_sts.atomic import write_file_atomically
 from minilm_sts.pairs import local_path, read_sentences, read_unlabelled_pairs
 
 EMBEDDING_SUFFIXES = (".npy", ".parquet")
@@ -24,13 +24,13 @@ def predict(model, source: str, output: Path, batch_size: int = 32, column: str 
             raise ValueError(f"{source} holds sentence pairs, which give one similarity per row: name a .csv output")
         left, right = (model.encode(side, batch_size=batch_size, show_progress=True) for side in pairs)
         scores = (left * right).sum(dim=1).tolist()
-        return _write_atomically(output, lambda tmp: _write_scores(tmp, *pairs, scores))
+        return write_file_atomically(output, lambda tmp: _write_scores(tmp, *pairs, scores))
     if output.suffix not in EMBEDDING_SUFFIXES:
         raise ValueError(f"embeddings are written as {' or '.join(EMBEDDING_SUFFIXES)}, not {output.suffix!r}")
     sentences = read_sentences(source, column)
     embeddings = model.encode(sentences, batch_size=batch_size, show_progress=True).numpy()
     write = _write_npy if output.suffix == ".npy" else _write_parquet
-    return _write_atomically(output, lambda tmp: write(tmp, sentences, embeddings))
+    return write_file_atomically(output, lambda tmp: write(tmp, sentences, embeddings))
 
 
 def _write_scores(path: Path, left: list[str], right: list[str], scores: list[float]) -> None:
@@ -51,14 +51,6 @@ def _write_parquet(path: Path, sentences: list[str], embeddings: np.ndarray) -> 
 
     vectors = pa.FixedSizeListArray.from_arrays(pa.array(embeddings.reshape(-1)), embeddings.shape[1])
     pq.write_table(pa.table({"sentence": sentences, "embedding": vectors}), path)
-
-
-def _write_atomically(output: Path, write) -> Path:
-    output.parent.mkdir(parents=True, exist_ok=True)
-    temporary = output.with_name(f".{output.name}.partial")
-    write(temporary)
-    os.replace(temporary, output)
-    return output
 
 
 def predict_command(args: list[str]) -> None:

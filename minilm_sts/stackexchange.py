@@ -15,6 +15,8 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from minilm_sts.atomic import write_file_atomically
+
 DUPLICATE_LINK = "3"
 QUESTION = "1"
 SPLITS = ("train", "dev", "test")
@@ -224,34 +226,41 @@ def _random_negative(pool: list[str], site: str, linked: set, clusters: Clusters
 
 def write_pairs(rows: dict[str, list[tuple]], out_dir: Path, fmt: str = "tsv", with_site: bool = False) -> list[Path]:
     """One file per split, each written under a temporary name and renamed when complete."""
-    import csv
-    import json
-    import os
-
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if fmt not in PAIR_WRITERS:
+        raise ValueError(f"unknown output format {fmt!r}; use {', '.join(PAIR_WRITERS)}")
     columns = ["sentence_0", "sentence_1", "label"] + (["site"] if with_site else [])
     written = []
     for split, split_rows in rows.items():
         records = [row[: len(columns)] for row in split_rows]
-        path, partial = out_dir / f"{split}.{fmt}", out_dir / f".{split}.{fmt}.partial"
-        if fmt == "tsv":
-            with open(partial, "w", newline="", encoding="utf-8") as handle:
-                writer = csv.writer(handle, delimiter="\t", lineterminator="\n")
-                writer.writerow(columns)
-                writer.writerows(records)
-        elif fmt == "jsonl":
-            with open(partial, "w", encoding="utf-8") as handle:
-                handle.writelines(json.dumps(dict(zip(columns, r)), ensure_ascii=False) + "\n" for r in records)
-        elif fmt == "parquet":
-            import pyarrow as pa
-            import pyarrow.parquet as pq
-
-            pq.write_table(pa.table({c: [r[i] for r in records] for i, c in enumerate(columns)}), partial)
-        else:
-            raise ValueError(f"unknown output format {fmt!r}; use tsv, jsonl or parquet")
-        os.replace(partial, path)
-        written.append(path)
+        write = PAIR_WRITERS[fmt]
+        written.append(write_file_atomically(out_dir / f"{split}.{fmt}", lambda tmp: write(tmp, columns, records)))
     return written
+
+
+def _write_tsv(path: Path, columns: list[str], records: list[tuple]) -> None:
+    import csv
+
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle, delimiter="\t", lineterminator="\n")
+        writer.writerow(columns)
+        writer.writerows(records)
+
+
+def _write_jsonl(path: Path, columns: list[str], records: list[tuple]) -> None:
+    import json
+
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.writelines(json.dumps(dict(zip(columns, r)), ensure_ascii=False) + "\n" for r in records)
+
+
+def _write_parquet(path: Path, columns: list[str], records: list[tuple]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({c: [r[i] for r in records] for i, c in enumerate(columns)}), path)
+
+
+PAIR_WRITERS = {"tsv": _write_tsv, "jsonl": _write_jsonl, "parquet": _write_parquet}
 
 
 def build_pairs_command(args: list[str]) -> None:

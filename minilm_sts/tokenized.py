@@ -2,7 +2,7 @@
 
 The cache key covers the source's bytes, the tokenizer, the max length and the reading options, so a
 changed file or tokenizer never reuses stale ids. Entries are written to a temporary folder and renamed
-into place, so an interrupted write never leaves a half entry behind.
+into place (`staged_folder`), so an interrupted write never leaves a half entry behind.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
+from minilm_sts.atomic import staged_folder
 from minilm_sts.pairs import local_path, read_pairs
 
 CACHE_FORMAT = 3
@@ -142,13 +142,9 @@ def _tuples(value):
 
 
 def _write_entry(entry: Path, pairs: TokenizedPairs) -> None:
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=entry.parent))
-    for name in ARRAYS:
-        np.save(staging / f"{name}.npy", getattr(pairs, name))
-    meta = {"pairs": len(pairs), **{key: getattr(pairs, key) for key in META}}
-    (staging / "meta.json").write_text(json.dumps(meta))
-    try:
-        os.rename(staging, entry)
-    except OSError:  # another process finished the same entry first; theirs is identical
-        shutil.rmtree(staging, ignore_errors=True)
+    # replace=False: if another process finished the same entry first, theirs is identical.
+    with staged_folder(entry, replace=False) as staging:
+        for name in ARRAYS:
+            np.save(staging / f"{name}.npy", getattr(pairs, name))
+        meta = {"pairs": len(pairs), **{key: getattr(pairs, key) for key in META}}
+        (staging / "meta.json").write_text(json.dumps(meta))
