@@ -27,6 +27,9 @@ from minilm_sts.similarity import mean_pool
 # older BertModel saves include the position-id buffer, which we derive instead.
 DERIVED_KEYS = frozenset({"embeddings.position_ids"})
 
+# torch builds without oneDNN (rare) fall back to the default matrix product everywhere.
+ONEDNN_LINEAR = torch.backends.mkldnn.is_available()
+
 
 @dataclass(frozen=True)
 class BertConfig:
@@ -102,34 +105,58 @@ class PackedLayout:
         for first in range(0, len(order), group_size):
             group_lengths = sorted_lengths[first : first + group_size]
             width, begin = int(group_lengths[-1]), int(row_starts[first])
-            rank = torch.repeat_interleave(torch.arange(len(group_lengths), device=device), group_lengths)
-            slots = rank * width + self.positions[begin : begin + int(group_lengths.sum())]
-            mask = (torch.arange(width, device=device) < group_lengths[:, None])[:, None, None, :]
-            self.groups.append((begin, slots, width, mask))
+            # Sorted, so a group whose shortest sentence is as long as its longest needs no padding or mask.
+            padding = None if int(group_lengths[0]) == width else self._padding(group_lengths, begin, width)
+            self.groups.append((begin, len(group_lengths), width, padding))
+
+    def _padding(self, group_lengths: torch.Tensor, begin: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where each of the group's rows goes in its padded (count * width) block, and the block's key mask."""
+        device = group_lengths.device
+        rank = torch.repeat_interleave(torch.arange(len(group_lengths), device=device), group_lengths)
+        slots = rank * width + self.positions[begin : begin + int(group_lengths.sum())]
+        mask = (torch.arange(width, device=device) < group_lengths[:, None])[:, None, None, :]
+        return slots, mask
 
     def arrange(self, input_ids: torch.Tensor) -> torch.Tensor:
         return input_ids[self.token_order]
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, dropout: float) -> torch.Tensor:
-        outputs = []
-        for begin, slots, width, mask in self.groups:
-            count = len(mask)
-            blocks = [x.new_zeros(count * width, x.shape[-1]).index_copy(0, slots, x[begin : begin + len(slots)])
-                      .view(count, width, -1) for x in (q, k, v)]
-            outputs.append(attend_padded(*blocks, heads, mask, dropout).reshape(count * width, -1)[slots])
-        return torch.cat(outputs)
+        return torch.cat([attend_group(q, k, v, heads, dropout, *group) for group in self.groups])
 
     def mean_pool(self, hidden: torch.Tensor) -> torch.Tensor:
         sums = hidden.new_zeros(len(self.lengths), hidden.shape[-1]).index_add(0, self.sentence, hidden)
         return sums / self.lengths.unsqueeze(1).to(hidden.dtype).clamp(min=1e-9)
 
 
+def attend_group(q, k, v, heads: int, dropout: float, begin: int, count: int, width: int, padding) -> torch.Tensor:
+    """Attention for one group of a PackedLayout: its rows are scattered into a padded block unless they
+    already form one."""
+    if padding is None:
+        blocks = [x[begin : begin + count * width].view(count, width, -1) for x in (q, k, v)]
+        return attend_padded(*blocks, heads, None, dropout).reshape(count * width, -1)
+    slots, mask = padding
+    blocks = [x.new_zeros(count * width, x.shape[-1]).index_copy(0, slots, x[begin : begin + len(slots)])
+              .view(count, width, -1) for x in (q, k, v)]
+    return attend_padded(*blocks, heads, mask, dropout).reshape(count * width, -1)[slots]
+
+
 def attend_padded(q, k, v, heads: int, mask: torch.Tensor, dropout: float) -> torch.Tensor:
-    """Multi-head scaled dot-product attention on (B, L, D) blocks, with a boolean key mask."""
+    """Multi-head scaled dot-product attention on (B, L, D) blocks, with a boolean key mask (or None)."""
     batch, length, dim = q.shape
     q, k, v = (x.view(batch, length, heads, dim // heads).transpose(1, 2) for x in (q, k, v))
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
     return out.transpose(1, 2).reshape(batch, length, dim)
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose gradient-free fp32 CPU forward calls oneDNN's matrix product directly. On this project's
+    CPUs it runs inference's small, varying-height products 6-20% faster than the default (MKL) path, with the
+    same result up to float rounding; training keeps the default path and its autograd."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if ONEDNN_LINEAR and not torch.is_grad_enabled() and x.is_cpu and x.dtype == self.weight.dtype == torch.float32:
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        return super().forward(x)
 
 
 class Embeddings(nn.Module):
@@ -151,9 +178,9 @@ class SelfAttention(nn.Module):
     def __init__(self, cfg: BertConfig):
         super().__init__()
         self.num_heads = cfg.num_attention_heads
-        self.query = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-        self.key = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-        self.value = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.query = Linear(cfg.hidden_size, cfg.hidden_size)
+        self.key = Linear(cfg.hidden_size, cfg.hidden_size)
+        self.value = Linear(cfg.hidden_size, cfg.hidden_size)
         self.dropout_p = cfg.attention_probs_dropout_prob
 
     def forward(self, x: torch.Tensor, layout) -> torch.Tensor:
@@ -166,7 +193,7 @@ class DenseResidualNorm(nn.Module):
 
     def __init__(self, cfg: BertConfig, in_features: int):
         super().__init__()
-        self.dense = nn.Linear(in_features, cfg.hidden_size)
+        self.dense = Linear(in_features, cfg.hidden_size)
         self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
@@ -187,7 +214,7 @@ class Attention(nn.Module):
 class Intermediate(nn.Module):
     def __init__(self, cfg: BertConfig):
         super().__init__()
-        self.dense = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.dense = Linear(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.gelu(self.dense(x))  # exact erf GELU, as config "gelu" means in BERT

@@ -169,7 +169,7 @@ def padding_stats(table, pairs, plan) -> dict[str, float]:
         real.append(sum(lengths_a) + sum(lengths_b))
         reference.append(len(indices) * (max(lengths_a) + max(lengths_b)))
         groups = PackedLayout(torch.tensor(lengths_a + lengths_b)).groups
-        attention.append(sum(len(mask) * width for _, _, width, mask in groups))
+        attention.append(sum(count * width for _, count, width, _ in groups))
     return {"real_tokens_per_batch": float(np.mean(real)), "reference_padded_tokens_per_batch": float(np.mean(reference)),
             "attention_block_tokens_per_batch": float(np.mean(attention))}
 

@@ -2,8 +2,10 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from minilm_sts import encoder as encoder_module
 from minilm_sts.encoder import BertConfig, BertEncoder, PackedLayout, PaddedLayout
 from minilm_sts.similarity import mean_pool
 
@@ -82,3 +84,35 @@ def test_packed_layout_matches_padded_in_train_mode_gradients(tiny_model_dir):
     assert torch.allclose(packed, padded, atol=1e-5)
     for a, b in zip(padded_grads, (p.grad for p in encoder.parameters() if p.grad is not None)):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_packed_groups_of_equal_length_skip_padding_and_match_padded(tiny_model_dir):
+    """With groups of 2, the sorted lengths 2 3 | 5 5 | 5 5 | 6 7 give two ragged groups and two that need
+    no padding or mask; all four must equal the padded batch."""
+    encoder = load_tiny(tiny_model_dir).eval()
+    lengths = torch.tensor([5, 5, 5, 5, 2, 7, 3, 6])
+    ids = torch.randint(5, 60, (8, 7))
+    mask = (torch.arange(7) < lengths[:, None]).long()
+    layout = PackedLayout(lengths, group_size=2)
+    assert [padding is None for *_, padding in layout.groups] == [False, True, True, False]
+    packed = encoder.sentence_embeddings(ids[mask.bool()], layout)
+    padded = encoder.sentence_embeddings(ids * mask, PaddedLayout(mask))
+    assert torch.allclose(packed, padded, atol=1e-5)
+
+
+def test_inference_linear_takes_onednn_and_matches_the_autograd_path(tiny_model_dir):
+    """Gradient-free CPU forwards use oneDNN's product; embeddings equal the training path's to 1e-5."""
+    assert encoder_module.ONEDNN_LINEAR  # the CPU torch this project pins is built with oneDNN
+    encoder = load_tiny(tiny_model_dir).eval()
+    lengths = torch.tensor([3, 6, 4])
+    ids = torch.randint(5, 60, (int(lengths.sum()),))
+    with torch.no_grad(), torch.profiler.profile() as profile:
+        fast = encoder.sentence_embeddings(ids, PackedLayout(lengths))
+    assert "mkldnn::_linear_pointwise" in {event.key for event in profile.key_averages()}
+    default = encoder.sentence_embeddings(ids, PackedLayout(lengths))
+    assert default.requires_grad and not fast.requires_grad
+    assert torch.allclose(fast, default, atol=1e-5)
+    linear = encoder_module.Linear(8, 5)
+    x = torch.randn(3, 4, 8)
+    with torch.no_grad():
+        assert torch.allclose(linear(x), F.linear(x, linear.weight, linear.bias), atol=1e-5)
