@@ -82,6 +82,16 @@ class PaddedLayout:
         return mean_pool(hidden, self.attention_mask)
 
 
+def padded_from_packed(input_ids: torch.Tensor, lengths: torch.Tensor, width_multiple: int = 1):
+    """Packed sentences as a right-padded (B, W) batch and its 0/1 mask, W the longest length rounded up to a
+    multiple of `width_multiple`."""
+    width = -(-int(lengths.max()) // width_multiple) * width_multiple
+    mask = torch.arange(width, device=lengths.device) < lengths[:, None]
+    padded = input_ids.new_zeros(mask.shape)
+    padded[mask] = input_ids  # row-major, so each sentence's ids land in its own row, in order
+    return padded, mask.long()
+
+
 class PackedLayout:
     """Only real tokens: the input holds sentence i's `lengths[i]` token ids end to end.
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from lightning.fabric.plugins.precision.amp import _optimizer_handles_unscaling
 
-from minilm_sts.encoder import BertConfig, BertEncoder, PackedLayout
+from minilm_sts.encoder import BertConfig, BertEncoder, PackedLayout, PaddedLayout, padded_from_packed
 from minilm_sts.pretrained import DEFAULT_MODEL, resolve_pretrained
 from minilm_sts.similarity import correlations, cosine_mse_loss
 from minilm_sts.tokenized import tokenize_texts
@@ -22,6 +22,9 @@ from minilm_sts.tokenized import tokenize_texts
 TOKENIZER_CHECKPOINT_KEY = "minilm_sts_tokenizer_files"
 RUN_CHECKPOINT_KEY = "minilm_sts_run"
 RESUME_CHECKPOINT_KEY = "minilm_sts_resume"
+# Under `compile`, batch widths are rounded up to this: at most 8 distinct widths up to 128 tokens, so compiled
+# code and CUDA graphs are reused instead of rebuilt for every new longest sentence.
+COMPILED_WIDTH_MULTIPLE = 16
 
 
 class SentenceEmbedder(L.LightningModule):
@@ -38,6 +41,9 @@ class SentenceEmbedder(L.LightningModule):
         scheduler: "linear" decays to 0 at the last step after warmup; "constant" holds after warmup.
         max_grad_norm: clip the global gradient L2 norm to this (0 disables).
         fused_optimizer: use torch's fused AdamW kernel.
+        compile: run the encoder through `torch.compile` (CUDA graphs on a GPU). Compiled graphs want few
+            shapes, so this path pads each batch to a width rounded up to a multiple of 16 tokens instead of
+            packing it; it pays where launch overhead dominates (a GPU at batch 32), not on a CPU.
         encoder_config: the BERT architecture. Filled in from `pretrained` on first build and saved in
             checkpoints, so loading a checkpoint builds the model without reading `pretrained`.
     """
@@ -54,6 +60,7 @@ class SentenceEmbedder(L.LightningModule):
         scheduler: Literal["linear", "constant"] = "linear",
         max_grad_norm: float = 1.0,
         fused_optimizer: bool = True,
+        compile: bool = False,
         encoder_config: Optional[dict] = None,
     ):
         super().__init__()
@@ -71,6 +78,7 @@ class SentenceEmbedder(L.LightningModule):
             raise ValueError(f"max_seq_length {max_seq_length} exceeds the model's "
                              f"{self.encoder.config.max_position_embeddings} position embeddings")
         self._tokenizer = None
+        self._compiled_embeddings = None  # built on first use, once the device is known
         # What the run did, in plain values, for the model card: datasets, a row per validation, test scores.
         self.run_record: dict = {"datasets": {}, "log": [], "test": {}}
         self._loss_since_validation: list[torch.Tensor] = []
@@ -118,7 +126,22 @@ class SentenceEmbedder(L.LightningModule):
     def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Mean-pooled, unnormalised sentence embeddings (the cosine loss is scale-invariant) of packed sentences:
         `input_ids` holds their token ids end to end, `lengths` how many belong to each."""
-        return self.encoder.sentence_embeddings(input_ids, PackedLayout(lengths))
+        if not self.hparams.compile:
+            return self.encoder.sentence_embeddings(input_ids, PackedLayout(lengths))
+        ids, mask = padded_from_packed(input_ids, lengths, COMPILED_WIDTH_MULTIPLE)
+        if ids.is_cuda:
+            torch.compiler.cudagraph_mark_step_begin()  # earlier calls' outputs are consumed by now
+        return self._compiled(ids.device)(ids, mask)
+
+    def _compiled(self, device: torch.device):
+        if self._compiled_embeddings is None:
+            # On a GPU a step of this small model is mostly kernel launches: CUDA graphs replay them at once.
+            mode = "reduce-overhead" if device.type == "cuda" else "default"
+            self._compiled_embeddings = torch.compile(self._padded_embeddings, mode=mode)
+        return self._compiled_embeddings
+
+    def _padded_embeddings(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.encoder.sentence_embeddings(input_ids, PaddedLayout(attention_mask))
 
     def tokenize(self, sentences: Sequence[str]) -> dict[str, torch.Tensor]:
         """Packed token ids ([CLS] ... [SEP], truncated at max_seq_length) and the length of each sentence."""

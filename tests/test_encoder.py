@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from minilm_sts import encoder as encoder_module
-from minilm_sts.encoder import BertConfig, BertEncoder, PackedLayout, PaddedLayout
+from minilm_sts.encoder import BertConfig, BertEncoder, PackedLayout, PaddedLayout, padded_from_packed
 from minilm_sts.similarity import mean_pool
 
 
@@ -116,3 +116,12 @@ def test_inference_linear_takes_onednn_and_matches_the_autograd_path(tiny_model_
     x = torch.randn(3, 4, 8)
     with torch.no_grad():
         assert torch.allclose(linear(x), F.linear(x, linear.weight, linear.bias), atol=1e-5)
+
+
+def test_padded_from_packed_keeps_each_sentence_in_its_row_and_rounds_the_width_up():
+    ids, lengths = torch.tensor([7, 8, 9, 4, 5]), torch.tensor([3, 2])
+    padded, mask = padded_from_packed(ids, lengths, 4)
+    assert padded.tolist() == [[7, 8, 9, 0], [4, 5, 0, 0]]
+    assert mask.tolist() == [[1, 1, 1, 0], [1, 1, 0, 0]]
+    assert padded_from_packed(ids, lengths, 16)[0].shape == (2, 16)
+    assert padded_from_packed(ids, lengths)[0].shape == (2, 3)
