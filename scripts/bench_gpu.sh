@@ -12,8 +12,8 @@ cd "$(dirname "$0")/.."
 DATA=${1:-.bench/quora_dup_random_train.tsv}
 if [[ "${DRY_RUN:-0}" == 1 ]]; then
     exec python scripts/benchmark.py --data "$DATA" --device cpu --precision 32 --rounds 1 --steps 2 \
-        --skip-encode --rss-steps 0 --json "${OUT:-.}/bench_gpu_dry.json"
+        --skip-encode --rss-steps 0 --compile --json "${OUT:-.}/bench_gpu_dry.json"
 fi
 python -c "import torch; assert torch.cuda.is_available(), 'no GPU'; print(torch.cuda.get_device_name())"
 python scripts/benchmark.py --data "$DATA" --device cuda --precision 16-mixed --rounds 10 --steps 100 \
-    --encode-sentences 20000 --rss-steps 0 --threads 16 --json "${OUT:-.}/bench_gpu.json"
+    --encode-sentences 20000 --rss-steps 0 --threads 16 --compile --json "${OUT:-.}/bench_gpu.json"

@@ -42,6 +42,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--precision", default="32", choices=["32", "16-mixed", "bf16-mixed"])
     parser.add_argument("--skip-encode", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="also measure minilm_sts with compile=True")
     parser.add_argument("--quick", action="store_true", help="fewer steps and sentences: under 2 minutes")
     parser.add_argument("--json", type=Path, default=Path("benchmark.json"))
     parser.add_argument("--child", choices=["ours", "reference"], help=argparse.SUPPRESS)
@@ -87,13 +88,12 @@ class Trainee:
 
 
 class Ours(Trainee):
-    name = "minilm_sts"
-
-    def __init__(self, pairs, device: str, precision: str):
+    def __init__(self, pairs, device: str, precision: str, compile: bool = False):
         from minilm_sts.datamodule import PairDataset
         from minilm_sts.module import SentenceEmbedder
 
-        super().__init__(SentenceEmbedder(pretrained=model_path()), device, precision)
+        super().__init__(SentenceEmbedder(pretrained=model_path(), compile=compile), device, precision)
+        self.name = "minilm_sts compiled" if compile else "minilm_sts"
         self.dataset = PairDataset(pairs)
 
     def loss(self, indices: list[int]) -> torch.Tensor:
@@ -133,17 +133,21 @@ class Reference(Trainee):
         self.model.encode(sentences, batch_size=batch_size)
 
 
-def alternate(sides, work, rounds: int, repeats: int) -> dict[str, float]:
-    """Median seconds per call of `work(side)` for each side, alternating sides each round, after a warm-up."""
+def alternate(sides, work, rounds: int, repeats: int) -> tuple[dict[str, float], dict[str, float]]:
+    """Median seconds per call of `work(side)` for each side, alternating sides each round, after a warm-up
+    round; and each side's total seconds in that warm-up round (where compilation happens)."""
     times = {side.name: [] for side in sides}
+    warmup = {side.name: 0.0 for side in sides}
     for round_index in range(rounds + 1):
         for side in sides:
             for _ in range(repeats):
                 started = time.perf_counter()
                 work(side)
-                if round_index:  # round 0 warms up
+                if round_index:
                     times[side.name].append(time.perf_counter() - started)
-    return {name: statistics.median(values) for name, values in times.items()}
+                else:
+                    warmup[side.name] += time.perf_counter() - started
+    return {name: statistics.median(values) for name, values in times.items()}, warmup
 
 
 def peak_gpu_memory(sides, plan, args) -> dict[str, float]:
@@ -241,14 +245,14 @@ def main() -> None:
     costs, pairs = tokenization_cost(args.data, args.label_scale, tokenizer)
     table = read_pairs(args.data, label_scale=args.label_scale)
     ours, reference = Ours(pairs, args.device, args.precision), Reference(table, args.device, args.precision)
-    sides = [reference, ours]
-    plan = iter(batch_plan(len(table), args.batch_size, (args.rounds + 1) * args.steps * 2))
-    step_seconds = alternate(sides, lambda side: side.step(next(plan)), args.rounds, args.steps)
+    sides = [reference, ours] + ([Ours(pairs, args.device, args.precision, compile=True)] if args.compile else [])
+    plan = iter(batch_plan(len(table), args.batch_size, (args.rounds + 1) * args.steps * len(sides)))
+    step_seconds, warmup_seconds = alternate(sides, lambda side: side.step(next(plan)), args.rounds, args.steps)
     stats = padding_stats(table, pairs, batch_plan(len(table), args.batch_size, 200))
     sentences = list(dict.fromkeys(table.sentences_a + table.sentences_b))[: args.encode_sentences]
     encode = {}
     for batch_size in () if args.skip_encode else (32, 128):
-        seconds = alternate(sides, lambda side: side.encode(sentences, batch_size), rounds=3, repeats=1)
+        seconds, _ = alternate(sides, lambda side: side.encode(sentences, batch_size), rounds=3, repeats=1)
         encode[batch_size] = {name: len(sentences) / s for name, s in seconds.items()}
     result = {
         "data": args.data, "pairs": len(table), "batch_size": args.batch_size, "threads": args.threads,
@@ -256,6 +260,7 @@ def main() -> None:
         "seed_epoch_minutes": {name: SEED_EPOCH_PAIRS / args.batch_size * s / 60 for name, s in step_seconds.items()},
         "peak_gpu_memory_gib": peak_gpu_memory(sides, plan, args) if args.device == "cuda" else {},
         "train_steps_measured": args.rounds * args.steps, "rss_steps": args.rss_steps,
+        "steps_per_round": args.steps, "warmup_round_seconds": warmup_seconds,
         "train_pairs_per_sec": {name: args.batch_size / s for name, s in step_seconds.items()},
         "train_tokens_per_sec": {name: stats["real_tokens_per_batch"] / s for name, s in step_seconds.items()},
         "encode_sentences_per_sec": encode, **stats, **costs,
@@ -268,7 +273,8 @@ def main() -> None:
 
 
 def markdown(r: dict) -> str:
-    ours, ref = "minilm_sts", "sentence-transformers"
+    ref = "sentence-transformers"
+    ours = [name for name in r["train_pairs_per_sec"] if name != ref]
     rows = [("training pairs/s", r["train_pairs_per_sec"], ".1f"), ("training real tokens/s", r["train_tokens_per_sec"], ".0f"),
             (f"projected {SEED_EPOCH_PAIRS:,}-pair epoch, minutes", r["seed_epoch_minutes"], ".1f")]
     rows += [(f"encode sentences/s, batch {size}", values, ".1f") for size, values in r["encode_sentences_per_sec"].items()]
@@ -276,10 +282,14 @@ def markdown(r: dict) -> str:
         rows.append((f"peak RSS of a {r['rss_steps']}-step training run, GiB", r["peak_rss_gib"], ".2f"))
     if r["peak_gpu_memory_gib"]:
         rows.append(("peak GPU memory, GiB", r["peak_gpu_memory_gib"], ".2f"))
+    rows.append((f"warm-up: first {r['steps_per_round']} steps (compilation included), s",
+                 r["warmup_round_seconds"], ".1f"))
     lines = [f"Data: `{r['data']}` ({r['pairs']:,} pairs), batch {r['batch_size']}, max length {MAX_SEQ_LENGTH}, "
              f"{r['device']}, precision {r['precision']}, {r['threads']} threads, {r['train_steps_measured']} measured "
-             "steps per side.", "", f"| measure | {ref} | {ours} | ratio |", "|---|---|---|---|"]
-    lines += [f"| {name} | {v[ref]:{fmt}} | {v[ours]:{fmt}} | {v[ours] / v[ref]:.2f}x |" for name, v, fmt in rows]
+             "steps per side.", "", "| measure | " + " | ".join([ref] + [f"{name} | ratio" for name in ours]) + " |",
+             "|---|---|" + "---|---|" * len(ours)]
+    lines += [f"| {name} | {v[ref]:{fmt}} | " + " | ".join(f"{v[side]:{fmt}} | {v[side] / v[ref]:.2f}x" for side in ours if side in v)
+              + " |" for name, v, fmt in rows]
     lines += ["", "| tokens per batch | |", "|---|---|",
               f"| real (what minilm_sts's projections and feed-forward compute) | {r['real_tokens_per_batch']:.0f} |",
               f"| sentence-transformers (each column padded to its longest) | {r['reference_padded_tokens_per_batch']:.0f} |",
