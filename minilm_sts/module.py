@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.fabric.plugins.precision.amp import _optimizer_handles_unscaling
+from lightning.pytorch.utilities import rank_zero_warn
 
 from minilm_sts.encoder import BertConfig, BertEncoder, PackedLayout, PaddedLayout, padded_from_packed
 from minilm_sts.pretrained import DEFAULT_MODEL, resolve_pretrained
@@ -137,6 +138,9 @@ class SentenceEmbedder(L.LightningModule):
         if self._compiled_embeddings is None:
             # On a GPU a step of this small model is mostly kernel launches: CUDA graphs replay them at once.
             mode = "reduce-overhead" if device.type == "cuda" else "default"
+            if device.type == "cpu":
+                rank_zero_warn("compile=True on a CPU trains slower than the default packed path (docs/benchmarks.md): "
+                               "it pads batches and spends a minute compiling; it is meant for GPUs")
             self._compiled_embeddings = torch.compile(self._padded_embeddings, mode=mode)
         return self._compiled_embeddings
 
