@@ -89,21 +89,21 @@ def export_command(args: list[str]) -> None:
 
 
 def main(args: list[str] | None = None) -> MiniLMCLI | None:
-    args = sys.argv[1:] if args is None else list(args)
-    if args[:1] == ["export"]:
-        return export_command(args[1:])
-    if args[:1] == ["build-pairs"]:
+    command_line = sys.argv[1:] if args is None else list(args)
+    if command_line[:1] == ["export"]:
+        return export_command(command_line[1:])
+    if command_line[:1] == ["build-pairs"]:
         from minilm_sts.stackexchange import build_pairs_command
 
-        return build_pairs_command(args[1:])
-    if args[:1] == ["predict"]:
+        return build_pairs_command(command_line[1:])
+    if command_line[:1] == ["predict"]:
         from minilm_sts.predict import predict_command
 
-        return predict_command(args[1:])
+        return predict_command(command_line[1:])
     return MiniLMCLI(
         SentenceEmbedder,
         PairDataModule,
-        args=args,
+        args=args,  # None: LightningCLI reads sys.argv itself (given both, it warns on every run)
         seed_everything_default=42,
         trainer_defaults=TRAINER_DEFAULTS,
         save_config_callback=SaveConfigToLoggers,

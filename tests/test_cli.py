@@ -53,7 +53,7 @@ def test_unknown_config_key_is_rejected():
 FIT_SCRIPT = """
 import sys
 from minilm_sts.cli import main
-cli = main(sys.argv[1:])
+cli = main()  # reads sys.argv, as `python -m minilm_sts` does
 assert "sentence_transformers" not in sys.modules, "minilm_sts imported the reference"
 print("PRECISION", cli.trainer.precision)
 """
