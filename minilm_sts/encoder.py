@@ -101,13 +101,15 @@ class PackedLayout:
     """
 
     def __init__(self, lengths: torch.Tensor, group_size: int = 16):
-        device = lengths.device
+        # The bookkeeping is many tiny steps that read sizes back: on a GPU each would wait for the device, so
+        # it runs on the CPU and only its results move over.
+        device, lengths = lengths.device, lengths.cpu()
         self.lengths = lengths
         order = torch.argsort(lengths, stable=True)
         sorted_lengths = lengths[order]
         self.sentence = torch.repeat_interleave(order, sorted_lengths)  # each row's sentence, in encoder order
         row_starts = torch.cumsum(sorted_lengths, 0) - sorted_lengths
-        rows = torch.arange(len(self.sentence), device=device)
+        rows = torch.arange(len(self.sentence))
         self.positions = rows - torch.repeat_interleave(row_starts, sorted_lengths)
         input_starts = torch.cumsum(lengths, 0) - lengths
         self.token_order = input_starts[self.sentence] + self.positions  # encoder row -> input position
@@ -118,14 +120,21 @@ class PackedLayout:
             # Sorted, so a group whose shortest sentence is as long as its longest needs no padding or mask.
             padding = None if int(group_lengths[0]) == width else self._padding(group_lengths, begin, width)
             self.groups.append((begin, len(group_lengths), width, padding))
+        if device.type != "cpu":
+            self._move_to(device)
 
     def _padding(self, group_lengths: torch.Tensor, begin: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Where each of the group's rows goes in its padded (count * width) block, and the block's key mask."""
-        device = group_lengths.device
-        rank = torch.repeat_interleave(torch.arange(len(group_lengths), device=device), group_lengths)
+        rank = torch.repeat_interleave(torch.arange(len(group_lengths)), group_lengths)
         slots = rank * width + self.positions[begin : begin + int(group_lengths.sum())]
-        mask = (torch.arange(width, device=device) < group_lengths[:, None])[:, None, None, :]
+        mask = (torch.arange(width) < group_lengths[:, None])[:, None, None, :]
         return slots, mask
+
+    def _move_to(self, device: torch.device) -> None:
+        self.lengths, self.sentence, self.positions, self.token_order = (
+            x.to(device, non_blocking=True) for x in (self.lengths, self.sentence, self.positions, self.token_order))
+        self.groups = [(begin, count, width, None if padding is None else tuple(x.to(device, non_blocking=True) for x in padding))
+                       for begin, count, width, padding in self.groups]
 
     def arrange(self, input_ids: torch.Tensor) -> torch.Tensor:
         return input_ids[self.token_order]

@@ -33,6 +33,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="builtin:stsb/train", help="a pair file (default: the packaged STS-B train split)")
     parser.add_argument("--label-scale", type=float, default=1.0)
+    parser.add_argument("--model", default=None, help="model id or folder for both sides (default: all-MiniLM-L6-v2)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=8, help="alternations of the two trainers")
     parser.add_argument("--steps", type=int, default=5, help="training steps per side per round")
@@ -52,10 +53,10 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def model_path() -> str:
+def model_path(name: str | None) -> str:
     from minilm_sts.pretrained import DEFAULT_MODEL, resolve_pretrained
 
-    return str(resolve_pretrained(DEFAULT_MODEL))
+    return str(resolve_pretrained(name or DEFAULT_MODEL))
 
 
 def batch_plan(size: int, batch_size: int, count: int) -> list[list[int]]:
@@ -88,11 +89,11 @@ class Trainee:
 
 
 class Ours(Trainee):
-    def __init__(self, pairs, device: str, precision: str, compile: bool = False):
+    def __init__(self, pairs, model: str, device: str, precision: str, compile: bool = False):
         from minilm_sts.datamodule import PairDataset
         from minilm_sts.module import SentenceEmbedder
 
-        super().__init__(SentenceEmbedder(pretrained=model_path(), compile=compile), device, precision)
+        super().__init__(SentenceEmbedder(pretrained=model, compile=compile), device, precision)
         self.name = "minilm_sts compiled" if compile else "minilm_sts"
         self.dataset = PairDataset(pairs)
 
@@ -110,11 +111,11 @@ class Ours(Trainee):
 class Reference(Trainee):
     name = "sentence-transformers"
 
-    def __init__(self, table, device: str, precision: str):
+    def __init__(self, table, model: str, device: str, precision: str):
         from sentence_transformers import SentenceTransformer
         from sentence_transformers.sentence_transformer.losses import CosineSimilarityLoss
 
-        model = SentenceTransformer(model_path(), device=device)
+        model = SentenceTransformer(model, device=device)
         model.max_seq_length = MAX_SEQ_LENGTH
         super().__init__(model, device, precision)
         self.criterion = CosineSimilarityLoss(model)
@@ -197,7 +198,8 @@ def tokenization_cost(source: str, label_scale: float, tokenizer) -> dict[str, f
 def peak_rss_gib(side: str, args) -> float:
     """Peak resident memory of a separate process training `args.rss_steps` steps."""
     command = [sys.executable, __file__, "--child", side, "--data", args.data, "--label-scale", str(args.label_scale),
-               "--rss-steps", str(args.rss_steps), "--threads", str(args.threads), "--batch-size", str(args.batch_size)]
+               "--rss-steps", str(args.rss_steps), "--threads", str(args.threads), "--batch-size", str(args.batch_size),
+               "--model", model_path(args.model)]
     # The child reports its own high-water mark: getrusage's ru_maxrss of a child would start from this large
     # parent's size at fork time.
     result = subprocess.run(command, capture_output=True, text=True)
@@ -218,7 +220,7 @@ def train_in_child(args) -> None:
     if args.child == "ours":
         from minilm_sts.cli import main
 
-        main(["fit", "--data.train_path", args.data, "--data.label_scale", str(args.label_scale),
+        main(["fit", "--model.pretrained", model_path(args.model), "--data.train_path", args.data, "--data.label_scale", str(args.label_scale),
               "--data.val_path", "builtin:stsb/dev", "--data.test_path", "null", "--data.batch_size", str(args.batch_size),
               "--trainer.max_steps", str(args.rss_steps), "--trainer.val_check_interval", str(args.rss_steps),
               "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
@@ -227,7 +229,7 @@ def train_in_child(args) -> None:
     from minilm_sts.pairs import read_pairs
 
     table = read_pairs(args.data, label_scale=args.label_scale)
-    reference = Reference(table, args.device, args.precision)
+    reference = Reference(table, model_path(args.model), args.device, args.precision)
     for indices in batch_plan(len(table), args.batch_size, args.rss_steps):
         reference.step(indices)
 
@@ -241,11 +243,12 @@ def main() -> None:
 
     from minilm_sts.pairs import read_pairs
 
-    tokenizer = AutoTokenizer.from_pretrained(model_path())
+    model = model_path(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(model)
     costs, pairs = tokenization_cost(args.data, args.label_scale, tokenizer)
     table = read_pairs(args.data, label_scale=args.label_scale)
-    ours, reference = Ours(pairs, args.device, args.precision), Reference(table, args.device, args.precision)
-    sides = [reference, ours] + ([Ours(pairs, args.device, args.precision, compile=True)] if args.compile else [])
+    ours, reference = Ours(pairs, model, args.device, args.precision), Reference(table, model, args.device, args.precision)
+    sides = [reference, ours] + ([Ours(pairs, model, args.device, args.precision, compile=True)] if args.compile else [])
     plan = iter(batch_plan(len(table), args.batch_size, (args.rounds + 1) * args.steps * len(sides)))
     step_seconds, warmup_seconds = alternate(sides, lambda side: side.step(next(plan)), args.rounds, args.steps)
     stats = padding_stats(table, pairs, batch_plan(len(table), args.batch_size, 200))
@@ -266,10 +269,21 @@ def main() -> None:
         "encode_sentences_per_sec": encode, **stats, **costs,
         "peak_rss_gib": {side.name: peak_rss_gib(key, args) for key, side in (("reference", reference), ("ours", ours))}
         if args.rss_steps else {},
-        "versions": {"torch": torch.__version__, "python": platform.python_version(), "cpu": platform.processor() or platform.machine()},
+        "versions": versions(args.device), "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv),
     }
     args.json.write_text(json.dumps(result, indent=2))
     print(markdown(result))
+
+
+def versions(device: str) -> dict[str, str]:
+    import sentence_transformers
+    import transformers
+
+    found = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+             "sentence_transformers": sentence_transformers.__version__, "cpu": platform.processor() or platform.machine()}
+    if device == "cuda":
+        found["gpu"] = torch.cuda.get_device_name()
+    return found
 
 
 def markdown(r: dict) -> str:
@@ -295,7 +309,9 @@ def markdown(r: dict) -> str:
               f"| sentence-transformers (each column padded to its longest) | {r['reference_padded_tokens_per_batch']:.0f} |",
               f"| minilm_sts attention blocks (padded only inside attention, by length group) | {r['attention_block_tokens_per_batch']:.0f} |",
               "", f"Tokenizing the dataset once: {r['tokenize_seconds']:.1f} s; reloading it from the cache: "
-              f"{r['cached_reload_seconds']:.2f} s."]
+              f"{r['cached_reload_seconds']:.2f} s.", "",
+              f"Measured {r['date']} with `python {r['command']}`; "
+              + ", ".join(f"{name} {version}" for name, version in r["versions"].items()) + "."]
     return "\n".join(lines)
 
 

@@ -98,6 +98,8 @@ def test_packed_groups_of_equal_length_skip_padding_and_match_padded(tiny_model_
     packed = encoder.sentence_embeddings(ids[mask.bool()], layout)
     padded = encoder.sentence_embeddings(ids * mask, PaddedLayout(mask))
     assert torch.allclose(packed, padded, atol=1e-5)
+    layout._move_to(torch.device("cpu"))  # what a GPU batch's layout does after its CPU bookkeeping
+    assert torch.equal(encoder.sentence_embeddings(ids[mask.bool()], layout), packed)
 
 
 def test_inference_linear_takes_onednn_and_matches_the_autograd_path(tiny_model_dir):
