@@ -48,8 +48,8 @@ class ExportBest(L.Callback):
             return
         from minilm_sts.export import export_with_card
 
-        checkpoint = trainer.checkpoint_callback
-        source = (checkpoint.best_model_path or checkpoint.last_model_path) if checkpoint else ""
+        ranked = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        source = ranked or max((c.last_model_path for c in trainer.checkpoint_callbacks), default="")
         if not source:
             raise RuntimeError("ExportBest needs a saved checkpoint; enable checkpointing")
         out = export_with_card(Path(source), Path(self.dirpath), overwrite=self.overwrite)

@@ -46,12 +46,12 @@ class MiniLMCLI(LightningCLI):
         parser.set_defaults({
             "checkpoint.monitor": "val/spearman_cosine",
             "checkpoint.mode": "max",
-            "checkpoint.save_last": True,
+            "checkpoint.save_last": False,  # last.ckpt has one writer, below: two would make last-v1.ckpt
             "checkpoint.filename": "step{step}-spearman{val/spearman_cosine:.4f}",
             "checkpoint.auto_insert_metric_name": False,
         })
         parser.add_lightning_class_args(ModelCheckpoint, "periodic_checkpoint")
-        parser.set_defaults({  # last.ckpt also every N steps, for resuming long runs between validations
+        parser.set_defaults({  # last.ckpt at every validation and every N steps, for resuming long runs
             "periodic_checkpoint.save_top_k": 0,
             "periodic_checkpoint.save_last": True,
             "periodic_checkpoint.every_n_train_steps": 200,

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
 import yaml
 
 from wandb_records import run_content
@@ -30,7 +31,8 @@ def test_no_argument_default_is_the_stsb_recipe():
     assert default["model"]["lr"] == 5e-5 and default["data"]["batch_size"] == 32
     assert default["seed_everything"] == 42 and default["trainer"]["max_epochs"] == 1
     assert default["trainer"]["check_val_every_n_epoch"] is None
-    assert default["checkpoint"]["monitor"] == "val/spearman_cosine" and default["checkpoint"]["save_last"] is True
+    assert default["checkpoint"]["monitor"] == "val/spearman_cosine" and default["checkpoint"]["save_last"] is False
+    assert default["periodic_checkpoint"]["save_last"] is True  # the one writer of last.ckpt
 
 
 def test_stackexchange_recipes_state_what_they_reproduce():
@@ -86,6 +88,9 @@ def test_fit_runs_twice_in_one_folder_with_offline_wandb(tiny_model_dir, pair_fi
     for run_dir in run_dirs:
         names = {p.name for p in (run_dir / "checkpoints").iterdir()}
         assert "last.ckpt" in names and any(n.startswith("step") and n.endswith(".ckpt") for n in names)
+        assert not [n for n in names if n.startswith("last-v")]  # one last.ckpt, not one per callback
+        last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+        assert last["global_step"] == 5  # the run's final step (40 pairs in batches of 8), not the last 200th
         assert {"cosine_vs_label_step2.png", "cosine_vs_label_step4.png"} <= names
 
 
