@@ -125,3 +125,29 @@ def test_compiled_padded_path_matches_the_packed_path_and_reuses_its_graphs(tiny
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 3
     with torch.no_grad():  # validation and encode compile a gradient-free graph of their own
         assert torch.allclose(compiled(ids, lengths), eager(ids, lengths), atol=1e-5)
+
+
+def test_encode_runs_batches_side_by_side_on_cpu_threads_with_the_same_result(tiny_model_dir, monkeypatch):
+    import minilm_sts.module as module
+
+    pools = []
+
+    class RecordingPool(module.ThreadPoolExecutor):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            pools.append(self._max_workers)
+
+    monkeypatch.setattr(module, "ThreadPoolExecutor", RecordingPool)
+    model = SentenceEmbedder(pretrained=str(tiny_model_dir))
+    sentences = [" ".join(["dog", "runs", "on", "the", "street"][: 1 + i % 5]) + f" {i}" for i in range(30)]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        side_by_side = model.encode(sentences, batch_size=4)
+        assert pools == [2] and torch.get_num_threads() == 2
+        torch.set_num_threads(1)
+        one_at_a_time = model.encode(sentences, batch_size=4)
+        assert pools == [2]  # one thread: no pool
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.allclose(side_by_side, one_at_a_time, atol=1e-6)
