@@ -85,11 +85,12 @@ class PaddedLayout:
 def padded_from_packed(input_ids: torch.Tensor, lengths: torch.Tensor, width_multiple: int = 1):
     """Packed sentences as a right-padded (B, W) batch and its 0/1 mask, W the longest length rounded up to a
     multiple of `width_multiple`."""
+    device, lengths = lengths.device, lengths.cpu()  # sizes are read back: on the CPU, as in PackedLayout
     width = -(-int(lengths.max()) // width_multiple) * width_multiple
-    mask = torch.arange(width, device=lengths.device) < lengths[:, None]
-    padded = input_ids.new_zeros(mask.shape)
-    padded[mask] = input_ids  # row-major, so each sentence's ids land in its own row, in order
-    return padded, mask.long()
+    mask = torch.arange(width) < lengths[:, None]
+    slots = mask.flatten().nonzero().squeeze(1).to(device)  # row-major: each sentence fills its own row, in order
+    padded = input_ids.new_zeros(mask.numel()).index_copy_(0, slots, input_ids).view(mask.shape)
+    return padded, mask.long().to(device)
 
 
 class PackedLayout:
