@@ -172,9 +172,12 @@ class SentenceEmbedder(L.LightningModule):
         ids, lengths = tokens["input_ids"], tokens["lengths"]
         offsets = torch.cumsum(lengths, 0) - lengths
         batches = torch.split(torch.argsort(-lengths, stable=True), batch_size)
+        # Grad mode and autocast are per thread: worker threads take the caller's.
+        device_type = self.device.type
+        autocast_dtype, autocast_on = torch.get_autocast_dtype(device_type), torch.is_autocast_enabled(device_type)
 
         def embed(chunk: torch.Tensor) -> torch.Tensor:
-            with torch.inference_mode():  # grad mode is per thread: worker threads need it too
+            with torch.inference_mode(), torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_on):
                 input_ids = torch.cat([ids[offsets[i] : offsets[i] + lengths[i]] for i in chunk.tolist()])
                 embeddings = self(input_ids.to(self.device), lengths[chunk].to(self.device)).float()
                 return (F.normalize(embeddings, p=2, dim=1) if normalize else embeddings).cpu()
@@ -185,9 +188,11 @@ class SentenceEmbedder(L.LightningModule):
 
             results = tqdm(results, total=len(batches), desc="Encoding", unit="batch")
         out = torch.empty(len(sentences), self.encoder.config.hidden_size)
-        for chunk, embeddings in zip(batches, results):
-            out[chunk] = embeddings
-        self.train(was_training)
+        try:
+            for chunk, embeddings in zip(batches, results):
+                out[chunk] = embeddings
+        finally:
+            self.train(was_training)
         return out
 
     def _map_batches(self, embed, batches: Sequence[torch.Tensor]) -> Iterator[torch.Tensor]:

@@ -145,9 +145,13 @@ def test_encode_runs_batches_side_by_side_on_cpu_threads_with_the_same_result(ti
         torch.set_num_threads(2)
         side_by_side = model.encode(sentences, batch_size=4)
         assert pools == [2] and torch.get_num_threads() == 2
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # the caller's autocast reaches the worker threads
+            in_bf16 = model.encode(sentences, batch_size=4)
+        assert pools == [2, 2]
         torch.set_num_threads(1)
         one_at_a_time = model.encode(sentences, batch_size=4)
-        assert pools == [2]  # one thread: no pool
+        assert pools == [2, 2]  # one thread: no pool
     finally:
         torch.set_num_threads(threads)
     assert torch.allclose(side_by_side, one_at_a_time, atol=1e-6)
+    assert not torch.allclose(in_bf16, side_by_side, atol=1e-4) and torch.allclose(in_bf16, side_by_side, atol=0.05)
