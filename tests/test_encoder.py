@@ -118,6 +118,8 @@ def test_inference_linear_takes_onednn_and_matches_the_autograd_path(tiny_model_
     x = torch.randn(3, 4, 8)
     with torch.no_grad():
         assert torch.allclose(linear(x), F.linear(x, linear.weight, linear.bias), atol=1e-5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast's cast wins over the fp32 fast path
+            assert linear(x).dtype == torch.bfloat16
 
 
 def test_padded_from_packed_keeps_each_sentence_in_its_row_and_rounds_the_width_up():
