@@ -16,7 +16,7 @@ def render_model_card(model) -> str:
     h, run = model.hparams, model.run_record
     train = _combined(run.get("datasets", {}).get("train"))
     sections = [
-        _front_matter(h, run),
+        _front_matter(h, run, train),
         f"# {_title(h, train)}\n\n{_summary(model, train)}",
         _details(model, train),
         _usage(),
@@ -27,10 +27,9 @@ def render_model_card(model) -> str:
     return "\n\n".join(section for section in sections if section) + "\n"
 
 
-def _front_matter(h, run) -> str:
+def _front_matter(h, run, train) -> str:
     tags = ["sentence-transformers", "sentence-similarity", "feature-extraction", "dense", "minilm_sts",
             f"loss:{LOSS_NAME}"]
-    train = _combined(run.get("datasets", {}).get("train"))
     if train:
         tags.append(f"dataset_size:{train['size']}")
     lines = ["---", "tags:", *(f"- {tag}" for tag in tags), f"base_model: {h.pretrained}",

@@ -6,8 +6,8 @@ A layout says how a batch of sentences sits in memory. `PaddedLayout` is the usu
 batch, where every projection also runs on padding. `PackedLayout` keeps only the real tokens, (T, D) with
 T the sum of sentence lengths: projections, feed-forward and LayerNorm run on real tokens alone, and only
 attention scatters them into small padded blocks of similar-length sentences for
-`scaled_dot_product_attention`. Both compute the same
-embeddings; packing does less work when sentence lengths vary, which they always do.
+`scaled_dot_product_attention`. Both compute the same embeddings; packing does less work when sentence
+lengths vary, which they always do.
 """
 
 from __future__ import annotations
@@ -69,14 +69,14 @@ class PaddedLayout:
 
     def __init__(self, attention_mask: torch.Tensor):
         self.attention_mask = attention_mask
+        self.key_mask = attention_mask.bool()[:, None, None, :]  # broadcast over heads and query positions
         self.positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
 
     def arrange(self, input_ids: torch.Tensor) -> torch.Tensor:
         return input_ids
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, dropout: float) -> torch.Tensor:
-        mask = self.attention_mask.bool()[:, None, None, :]  # broadcast over heads and query positions
-        return attend_padded(q, k, v, heads, mask, dropout)
+        return attend_padded(q, k, v, heads, self.key_mask, dropout)
 
     def mean_pool(self, hidden: torch.Tensor) -> torch.Tensor:
         return mean_pool(hidden, self.attention_mask)

@@ -405,7 +405,8 @@ def framework_versions() -> dict[str, str]:
 def _check_checkpoint(path: Path) -> None:
     """Fail with a plain message on a damaged file or a checkpoint of some other model."""
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        # mmap: the check reads the archive's structure and plain values; load_from_checkpoint reads the tensors.
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # torch raises several types for truncated or non-checkpoint files
         raise ValueError(f"{path}: not a readable checkpoint, perhaps truncated or corrupt ({err})") from err
     if "encoder_config" not in checkpoint.get("hyper_parameters", {}):

@@ -87,6 +87,9 @@ class Trainee:
         if self.device == "cuda":
             torch.cuda.synchronize()
 
+    def encode(self, sentences: list[str], batch_size: int) -> None:
+        self.model.encode(sentences, batch_size=batch_size)
+
 
 class Ours(Trainee):
     def __init__(self, pairs, model: str, device: str, precision: str, compile: bool = False):
@@ -103,9 +106,6 @@ class Ours(Trainee):
         batch = {k: v.to(self.device) for k, v in self.dataset.collate(indices).items()}
         u, v = self.model(batch["input_ids"], batch["lengths"]).chunk(2)
         return cosine_mse_loss(u, v, batch["labels"])
-
-    def encode(self, sentences: list[str], batch_size: int) -> None:
-        self.model.encode(sentences, batch_size=batch_size)
 
 
 class Reference(Trainee):
@@ -129,9 +129,6 @@ class Reference(Trainee):
         features = [{k: v.to(self.device) if torch.is_tensor(v) else v for k, v in self.model.preprocess(column).items()}
                     for column in (a, b)]
         return self.criterion(features, labels)
-
-    def encode(self, sentences: list[str], batch_size: int) -> None:
-        self.model.encode(sentences, batch_size=batch_size)
 
 
 def alternate(sides, work, rounds: int, repeats: int) -> tuple[dict[str, float], dict[str, float]]:
@@ -277,10 +274,11 @@ def main() -> None:
 
 def versions(device: str) -> dict[str, str]:
     import sentence_transformers
-    import transformers
 
-    found = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-             "sentence_transformers": sentence_transformers.__version__, "cpu": platform.processor() or platform.machine()}
+    from minilm_sts.module import framework_versions
+
+    found = {**framework_versions(), "sentence-transformers": sentence_transformers.__version__,
+             "cpu": platform.processor() or platform.machine()}
     if device == "cuda":
         found["gpu"] = torch.cuda.get_device_name()
     return found
