@@ -17,12 +17,14 @@ from importlib import resources
 from pathlib import Path
 from typing import Callable, Sequence
 
+from minilm_sts.errors import UserInputError
+
 SENTENCE_COLUMN_CHOICES = (("sentence_0", "sentence_1"), ("sentence1", "sentence2"))
 LABEL_COLUMN_CHOICES = ("label", "score")
 TEXT_SUFFIXES = {".csv": ",", ".tsv": "\t"}
 
 
-class PairDataError(ValueError):
+class PairDataError(UserInputError):
     """Bad input in a pair source; the message names the source, the row, the column and what was expected."""
 
 
