@@ -3,7 +3,11 @@
 
 - `.bench/model/`: all-MiniLM-L6-v2 as a sentence-transformers folder, its weights stored in float16 (45 MB
   instead of 91; both sides load them into float32, and a step's speed does not depend on the values);
-- `.bench/pairs.tsv`: the first `--pairs` rows of a pair file (default: Quora duplicates with random negatives).
+- `.bench/pairs.tsv`: the first `--pairs` rows of a pair file (default: Quora duplicates with random negatives),
+  and `.bench/dev.tsv`: the first `--dev-pairs` rows of its dev split, for the end-to-end runs' validation.
+
+Wheels for what the GPU machine lacks (jsonargparse for the CLI; datasets for sentence-transformers' Trainer)
+travel separately, in `.whl/` (see `scripts/bench_gpu.sh`).
 
     python scripts/prepare_gpu_bench.py            # then carry `.bench` to the GPU machine
 """
@@ -41,13 +45,15 @@ def main() -> None:
     from minilm_sts.pretrained import DEFAULT_MODEL, resolve_pretrained
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    default_pairs = Path(__file__).resolve().parents[2] / "shared/data/quora_dup_random/train.tsv"
-    parser.add_argument("--data", type=Path, default=default_pairs)
+    default_pairs = Path(__file__).resolve().parents[2] / "shared/data/quora_dup_random"
+    parser.add_argument("--data", type=Path, default=default_pairs, help="a folder with train.tsv and dev.tsv")
     parser.add_argument("--pairs", type=int, default=60_000)
+    parser.add_argument("--dev-pairs", type=int, default=2_000)
     args = parser.parse_args()
     BENCH.mkdir(exist_ok=True)
     copy_model(resolve_pretrained(DEFAULT_MODEL), BENCH / "model")
-    copy_pairs(args.data, BENCH / "pairs.tsv", args.pairs)
+    copy_pairs(args.data / "train.tsv", BENCH / "pairs.tsv", args.pairs)
+    copy_pairs(args.data / "dev.tsv", BENCH / "dev.tsv", args.dev_pairs)
     size = sum(p.stat().st_size for p in BENCH.rglob("*") if p.is_file())
     print(f"{BENCH}: {size / 2**20:.1f} MiB")
 
