@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Callable, Literal, Optional, Union
 
 import lightning as L
@@ -12,7 +11,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from minilm_sts.pairs import PairDataError
+from minilm_sts.pairs import PairDataError, ReadOptions
+from minilm_sts.sources import parse_source
 from minilm_sts.tokenized import TokenizedPairs, load_tokenized
 
 
@@ -139,12 +139,7 @@ class ResumableLoader(DataLoader):
 
 def source_name(source: str) -> str:
     """A short name for a data source, used in metric keys: `val/<name>/spearman_cosine`."""
-    if source.startswith("builtin:"):
-        return source.removeprefix("builtin:").replace("/", "-")
-    if source.startswith("hf:"):
-        return source.removeprefix("hf:").replace("/", "-").replace(":", "-")
-    name = Path(source).name
-    return name.split(".")[0] or name
+    return parse_source(source).name
 
 
 def named_sources(paths: Union[str, list[str], dict[str, str], None]) -> dict[str, str]:
@@ -228,8 +223,9 @@ class PairDataModule(L.LightningDataModule):
 
     def _load(self, split: str, source: str) -> PairDataset:
         h = self.hparams
-        pairs = load_tokenized(source, self.tokenizer, self.max_seq_length, h.sentence_columns, h.label_column,
-                               h.label_scale, h.drop_invalid)
+        options = ReadOptions(sentence_columns=h.sentence_columns, label_column=h.label_column,
+                              label_scale=h.label_scale, drop_invalid=h.drop_invalid)
+        pairs = load_tokenized(source, self.tokenizer, self.max_seq_length, options)
         if split != "train":
             _check_correlation_defined(source, pairs)
         rank_zero_info(f"{split}: {len(pairs):,} pairs from {source}; {pairs.at_max_length} sentence(s) reached "

@@ -189,7 +189,8 @@ class SentenceEmbedder(L.LightningModule):
             results = tqdm(results, total=len(batches), desc="Encoding", unit="batch")
         out = torch.empty(len(sentences), self.encoder.config.hidden_size)
         try:
-            for chunk, embeddings in zip(batches, results):
+            # strict: after the last batch, zip asks `results` for one more, which ends the progress bar at 100%.
+            for chunk, embeddings in zip(batches, results, strict=True):
                 out[chunk] = embeddings
         finally:
             self.train(was_training)

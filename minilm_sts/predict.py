@@ -9,7 +9,9 @@ from pathlib import Path
 import numpy as np
 
 from minilm_sts.atomic import write_file_atomically
-from minilm_sts.pairs import local_path, read_sentences, read_unlabelled_pairs
+from minilm_sts.errors import UserInputError
+from minilm_sts.pairs import is_sentence_file, read_sentences, read_unlabelled_pairs
+from minilm_sts.sources import parse_source
 
 EMBEDDING_SUFFIXES = (".npy", ".parquet")
 
@@ -17,16 +19,18 @@ EMBEDDING_SUFFIXES = (".npy", ".parquet")
 def predict(model, source: str, output: Path, batch_size: int = 32, column: str | None = None) -> Path:
     """Pair files (two sentence columns) give `output` as CSV with a cosine per row; anything else gives the
     embeddings of its sentences as .npy (an N x D array) or Parquet (sentence, embedding)."""
-    path = local_path(source)
-    pairs = None if (path is not None and path.suffix == ".txt") or column else read_unlabelled_pairs(source)
+    source = parse_source(source)
+    pairs = None if is_sentence_file(source) or column else read_unlabelled_pairs(source)
     if pairs is not None:
         if output.suffix != ".csv":
-            raise ValueError(f"{source} holds sentence pairs, which give one similarity per row: name a .csv output")
-        left, right = (model.encode(side, batch_size=batch_size, show_progress=True) for side in pairs)
+            raise UserInputError(f"{source.text} holds sentence pairs, which give one similarity per row: name a .csv output")
+        # Both columns in one call: one progress bar for the whole job, and batches of similar length across both.
+        embeddings = model.encode(pairs[0] + pairs[1], batch_size=batch_size, show_progress=True)
+        left, right = embeddings[: len(pairs[0])], embeddings[len(pairs[0]) :]
         scores = (left * right).sum(dim=1).tolist()
         return write_file_atomically(output, lambda tmp: _write_scores(tmp, *pairs, scores))
     if output.suffix not in EMBEDDING_SUFFIXES:
-        raise ValueError(f"embeddings are written as {' or '.join(EMBEDDING_SUFFIXES)}, not {output.suffix!r}")
+        raise UserInputError(f"embeddings are written as {' or '.join(EMBEDDING_SUFFIXES)}, not {output.suffix!r}")
     sentences = read_sentences(source, column)
     embeddings = model.encode(sentences, batch_size=batch_size, show_progress=True).numpy()
     write = _write_npy if output.suffix == ".npy" else _write_parquet

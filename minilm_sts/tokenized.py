@@ -1,7 +1,8 @@
 """Tokenize a pair source once and keep the token ids on disk as flat numpy arrays.
 
-The cache key covers the source's bytes, the tokenizer, the max length and the reading options, so a
-changed file or tokenizer never reuses stale ids. Entries are written to a temporary folder and renamed
+The cache key covers everything that decides the ids: the source's fingerprint (a file's bytes and the
+format its name selects, or a Hub dataset's revision), the reading options, the tokenizer and the max length.
+So a changed file or tokenizer never reuses stale ids, and a warm cache gives what a cold one would. Entries are written to a temporary folder and renamed
 into place (`staged_folder`), so an interrupted write never leaves a half entry behind.
 """
 
@@ -11,7 +12,7 @@ import hashlib
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from itertools import chain
 from pathlib import Path
 from typing import Sequence
@@ -19,9 +20,10 @@ from typing import Sequence
 import numpy as np
 
 from minilm_sts.atomic import staged_folder
-from minilm_sts.pairs import local_path, read_pairs
+from minilm_sts.pairs import ReadOptions, read_pairs
+from minilm_sts.sources import Source, parse_source
 
-CACHE_FORMAT = 3
+CACHE_FORMAT = 4
 TOKENIZE_CHUNK = 8192
 ARRAYS = ("ids", "offsets", "labels")
 META = ("at_max_length", "columns", "samples", "dropped")
@@ -69,23 +71,16 @@ def tokenize_texts(tokenizer, texts: Sequence[str], max_length: int) -> tuple[np
     return ids, offsets, at_limit
 
 
-def load_tokenized(
-    source: str,
-    tokenizer,
-    max_length: int,
-    sentence_columns: Sequence[str] | None = None,
-    label_column: str | None = None,
-    label_scale: float = 1.0,
-    drop_invalid: bool = False,
-) -> TokenizedPairs:
-    """Tokenized pairs for `source`, from the cache when an entry with the same key exists."""
-    options = {"max_length": max_length, "sentence_columns": list(sentence_columns or []), "label_column": label_column,
-               "label_scale": label_scale, "drop_invalid": drop_invalid, "format": CACHE_FORMAT}
-    entry = cache_root() / _cache_key(source, tokenizer, options)
+def load_tokenized(source: str | Source, tokenizer, max_length: int, options: ReadOptions = ReadOptions(),
+                   **option_fields) -> TokenizedPairs:
+    """Tokenized pairs for `source`, from the cache when an entry with the same key exists. `option_fields` set
+    single fields of `options`, as in `load_tokenized(path, tokenizer, 128, label_scale=5.0)`."""
+    source, options = parse_source(source), replace(options, **option_fields)
+    entry = cache_root() / _cache_key(source, tokenizer, max_length, options)
     cached = _read_entry(entry)
     if cached is not None:
         return cached
-    table = read_pairs(source, sentence_columns, label_column, label_scale, drop_invalid)
+    table = read_pairs(source, options)
     interleaved = [text for pair in zip(table.sentences_a, table.sentences_b) for text in pair]
     ids, offsets, at_limit = tokenize_texts(tokenizer, interleaved, max_length)
     samples = tuple(zip(table.sentences_a[:SAMPLE_ROWS], table.sentences_b[:SAMPLE_ROWS], table.labels[:SAMPLE_ROWS]))
@@ -95,18 +90,10 @@ def load_tokenized(
     return pairs
 
 
-def _cache_key(source: str, tokenizer, options: dict) -> str:
-    digest = hashlib.sha256()
-    path = local_path(source)
-    if path is None:
-        digest.update(source.encode())  # remote datasets are keyed by name; the hub pins their revision
-    else:
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    digest.update(tokenizer_fingerprint(tokenizer).encode())
-    digest.update(json.dumps(options, sort_keys=True).encode())
-    return digest.hexdigest()[:32]
+def _cache_key(source: Source, tokenizer, max_length: int, options: ReadOptions) -> str:
+    key = {"cache_format": CACHE_FORMAT, "source": source.fingerprint(), "read": asdict(options),
+           "tokenizer": tokenizer_fingerprint(tokenizer), "max_length": max_length}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

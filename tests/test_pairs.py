@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from minilm_sts.pairs import PairDataError, read_pairs
+from minilm_sts.pairs import PairDataError, read_pairs, read_sentences
+from minilm_sts.sources import FileSource, HfSource, builtin_path, parse_source
 
 from conftest import SHARED_DATA, write_tsv
 
@@ -123,3 +124,68 @@ def test_hugging_face_dataset_while_offline(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # not installed at all
     with pytest.raises(PairDataError, match="need the `datasets` package"):
         read_pairs("hf:org/pairs:train")
+
+
+def test_sources_parse_into_one_kind_of_object_each():
+    local = parse_source("~/data/quora/dev.tsv.gz")
+    assert isinstance(local, FileSource) and local.name == "dev" and local.format == "tsv" and local.compressed
+    assert not str(local.path).startswith("~")
+    packaged = parse_source("builtin:stsb/dev")
+    assert packaged == FileSource("builtin:stsb/dev", builtin_path("stsb/dev"), "stsb-dev") and packaged.format == "tsv"
+    assert parse_source("hf:org/pairs:train") == HfSource("hf:org/pairs:train", "org/pairs", None, "train")
+    hub = parse_source("hf:org/pairs:en:validation")
+    assert (hub.dataset, hub.config, hub.split, hub.name) == ("org/pairs", "en", "validation", "org-pairs-en-validation")
+    assert parse_source(hub) is hub
+    for bad in ("hf:a:b:c:d", "hf::train"):
+        with pytest.raises(PairDataError, match=r"expected hf:NAME\[:CONFIG\]:SPLIT"):
+            parse_source(bad)
+
+
+def test_missing_file_or_directory_names_the_accepted_types(tmp_path):
+    accepted = r"expected a \.csv, \.tsv, \.jsonl or \.parquet file .*builtin:stsb/SPLIT, or hf:NAME\[:CONFIG\]:SPLIT"
+    with pytest.raises(PairDataError, match=f"missing.tsv: file not found; {accepted}"):
+        read_pairs(str(tmp_path / "missing.tsv"))
+    with pytest.raises(PairDataError, match=f"{tmp_path} is a directory, not a file; {accepted}"):
+        read_pairs(str(tmp_path))
+    with pytest.raises(PairDataError, match="missing.txt: file not found"):
+        read_sentences(str(tmp_path / "missing.txt"))
+
+
+@pytest.mark.parametrize(
+    "name, text, line",
+    [
+        ("one.tsv", 'sentence_0\tsentence_1\tlabel\na\tb\t0.5\n"a dog\ta cat\t0.5\nb\tc\t1\n', 3),
+        # the row starts on line 2 with a multi-line field that is closed; the unclosed one opens on line 3
+        ("two.tsv", 'sentence_0\tsentence_1\tlabel\n"two\nlines"\t"x\ny\t0.5\nb\tc\t1\n', 3),
+        ("header.csv", '"sentence_0,sentence_1,label\na,b,0.5\n', 1),
+        ("crlf.csv", 'sentence_0,sentence_1,label\r\na,b,0.5\r\nc,"d\r\ne\r\n', 3),
+    ],
+)
+def test_unclosed_quote_names_the_line_where_it_opens(tmp_path, name, text, line):
+    (tmp_path / name).write_bytes(text.encode())
+    with pytest.raises(PairDataError, match=f"{name}, line {line}: a quoted field opens here and is never closed"):
+        read_pairs(str(tmp_path / name))
+
+
+def test_other_malformed_quoting_names_the_line(tmp_path):
+    (tmp_path / "stray.csv").write_text('sentence_0,sentence_1,label\na,b,0.5\n"c"d,e,0.5\n')
+    with pytest.raises(PairDataError, match=r"stray.csv, line 3: malformed CSV"):
+        read_pairs(str(tmp_path / "stray.csv"))
+
+
+def test_bytes_that_are_not_utf8_name_their_line(tmp_path):
+    # Far enough down that the decoder's read-ahead block no longer starts at the offending line.
+    rows = "".join(f"row {i}\tb\t0.5\n" for i in range(3000)).encode()
+    data = b"sentence_0\tsentence_1\tlabel\n" + rows.replace(b"row 2500\t", b"row 25\xe900\t")
+    (tmp_path / "latin.tsv").write_bytes(data)
+    with gzip.open(tmp_path / "latin.tsv.gz", "wb") as handle:
+        handle.write(data)
+    (tmp_path / "latin.jsonl").write_bytes(b'{"sentence_0": "a", "sentence_1": "b", "label": 1}\n{"sentence_0": "\xff"}\n')
+    (tmp_path / "latin.txt").write_bytes(b"a dog\nb\xe9\n")
+    expected = {"latin.tsv": (2502, "0xe9", 7), "latin.tsv.gz": (2502, "0xe9", 7), "latin.jsonl": (2, "0xff", 17),
+                "latin.txt": (2, "0xe9", 2)}
+    for name, (line, byte, position) in expected.items():
+        read = read_sentences if name.endswith(".txt") else read_pairs
+        with pytest.raises(PairDataError, match=rf"{name}, line {line}: not valid UTF-8 \(byte {byte} at byte {position} "
+                                                r"of the line.*\); re-save the file as UTF-8"):
+            read(str(tmp_path / name))

@@ -42,6 +42,24 @@ def test_pair_file_gives_a_cosine_per_row(model, pair_files, tmp_path):
     assert float(rows[0]["cosine"]) == pytest.approx((a @ b.T).item(), abs=1e-5)
 
 
+def test_progress_bar_ends_at_100_percent(model, pair_files, tmp_path, monkeypatch):
+    import tqdm.auto
+
+    bars = []
+
+    class RecordedBar(tqdm.auto.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            bars.append(self)
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", RecordedBar)
+    predict(model, str(pair_files["val"]), tmp_path / "scores.csv", batch_size=5)
+    assert [(bar.n, bar.total) for bar in bars] == [(5, 5)]  # one bar over both columns: 24 sentences, 5 batches
+    (tmp_path / "s.txt").write_text("\n".join(SENTENCES))
+    predict(model, str(tmp_path / "s.txt"), tmp_path / "e.npy", batch_size=3)
+    assert (bars[-1].n, bars[-1].total) == (2, 2)
+
+
 def test_bad_prediction_inputs(model, pair_files, tmp_path):
     with pytest.raises(ValueError, match="name a .csv output"):
         predict(model, str(pair_files["val"]), tmp_path / "x.npy")
