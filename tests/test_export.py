@@ -15,9 +15,7 @@ from minilm_sts.export import export_model, export_with_card
 from minilm_sts.module import SentenceEmbedder
 from minilm_sts.pairs import read_pairs
 
-from conftest import SHARED_DATA
-
-SENTENCES = read_pairs(str(SHARED_DATA / "stsb" / "dev.tsv"), label_scale=5.0).sentences_a[:64]
+SENTENCES = read_pairs("builtin:stsb/dev").sentences_a[:64]
 
 
 @pytest.fixture(scope="module")

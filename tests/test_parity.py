@@ -17,8 +17,6 @@ from minilm_sts.pairs import read_pairs
 from minilm_sts.similarity import correlations, cosine_mse_loss
 from minilm_sts.tokenized import TokenizedPairs, tokenize_texts
 
-from conftest import SHARED_DATA
-
 
 @pytest.fixture(scope="module")
 def reference(real_model_dir):
@@ -36,7 +34,7 @@ def ours(real_model_dir):
 
 @pytest.fixture(scope="module")
 def stsb_test_sentences():
-    table = read_pairs(str(SHARED_DATA / "stsb" / "test.tsv"), label_scale=5.0)
+    table = read_pairs("builtin:stsb/test")
     return table.sentences_a + table.sentences_b
 
 
