@@ -37,6 +37,7 @@ def test_layout(exported):
     assert json.loads((exported / "config_sentence_transformers.json").read_text())["similarity_fn_name"] == "cosine"
 
 
+@pytest.mark.parity
 def test_sentence_transformers_loads_the_export_with_equal_embeddings(exported, real_model):
     from sentence_transformers import SentenceTransformer
 
@@ -59,6 +60,7 @@ def test_transformers_loads_the_export(exported, real_model):
     assert (real_model.encode(SENTENCES[:8]) - pooled).abs().max() <= 1e-5
 
 
+@pytest.mark.parity
 def test_a_sentence_transformers_folder_loads_into_minilm_sts(real_model, tmp_path):
     from sentence_transformers import SentenceTransformer
 
