@@ -1,4 +1,7 @@
-"""Shared fixtures: a tiny random BERT with a locally built tokenizer, the real base weights, and data files."""
+"""Shared fixtures: a tiny random BERT with a locally built tokenizer, the real base weights, and data files.
+
+Data the tests read lives inside the repository (tests/fixtures/, the packaged STS-B), never beside it.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 WORDS = ("a the is are man woman men women dog dogs cat cats play plays playing on in of and with to "
          "guitar piano car road street ball child children run running eat eating food water").split()
 

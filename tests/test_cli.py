@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
@@ -61,6 +62,7 @@ print("PRECISION", cli.trainer.precision)
 """
 
 
+@pytest.mark.slow
 def test_fit_runs_twice_in_one_folder_with_offline_wandb(tiny_model_dir, pair_files, tmp_path, monkeypatch):
     """The default logger is W&B; with no credentials it runs offline and says how to sync."""
     monkeypatch.delenv("WANDB_MODE")

@@ -2,6 +2,8 @@
 
 import csv
 
+import pytest
+
 from conftest import write_tsv
 from test_cli import cli
 
@@ -15,6 +17,8 @@ def last_logged(run_dir, key: str) -> float:
     return float([row[key] for row in csv.DictReader(open(newest)) if row.get(key)][-1])
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_ddp_fit_and_validation_equal_single_process(tiny_model_dir, pair_files, tmp_path):
     rows = list(csv.reader(open(pair_files["val"]), delimiter="\t"))[1:] + [["a dog runs", "a cat", "0.3"]]
     val13 = write_tsv(tmp_path / "val13.tsv", rows)  # 13 pairs: the 2 shards are padded with a repeated pair

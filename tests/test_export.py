@@ -15,9 +15,7 @@ from minilm_sts.export import export_model, export_with_card
 from minilm_sts.module import SentenceEmbedder
 from minilm_sts.pairs import read_pairs
 
-from conftest import SHARED_DATA
-
-SENTENCES = read_pairs(str(SHARED_DATA / "stsb" / "dev.tsv"), label_scale=5.0).sentences_a[:64]
+SENTENCES = read_pairs("builtin:stsb/dev").sentences_a[:64]
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +37,7 @@ def test_layout(exported):
     assert json.loads((exported / "config_sentence_transformers.json").read_text())["similarity_fn_name"] == "cosine"
 
 
+@pytest.mark.parity
 def test_sentence_transformers_loads_the_export_with_equal_embeddings(exported, real_model):
     from sentence_transformers import SentenceTransformer
 
@@ -61,6 +60,7 @@ def test_transformers_loads_the_export(exported, real_model):
     assert (real_model.encode(SENTENCES[:8]) - pooled).abs().max() <= 1e-5
 
 
+@pytest.mark.parity
 def test_a_sentence_transformers_folder_loads_into_minilm_sts(real_model, tmp_path):
     from sentence_transformers import SentenceTransformer
 

@@ -97,6 +97,7 @@ def test_encode_returns_input_order_and_unit_norm(tiny_model_dir):
         model.encode("a dog")
 
 
+@pytest.mark.slow
 def test_compiled_padded_path_matches_the_packed_path_and_reuses_its_graphs(tiny_model_dir):
     """`compile=True` gives the packed path's embeddings and gradients, and batches of new widths and sizes
     reuse the compiled code: a static graph, then one dynamic in width, then one dynamic in batch size."""

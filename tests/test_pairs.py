@@ -8,7 +8,7 @@ import pytest
 from minilm_sts.pairs import PairDataError, read_pairs, read_sentences
 from minilm_sts.sources import FileSource, HfSource, builtin_path, parse_source
 
-from conftest import SHARED_DATA, write_tsv
+from conftest import FIXTURES, write_tsv
 
 GOOD = [["a man plays", "a man is playing", 0.9], ["a dog", "a cat", 0.2]]
 
@@ -29,24 +29,35 @@ def test_reads_tsv_csv_jsonl_parquet_and_gz(tmp_path):
         assert table.sentences_a == ["a man plays", "a dog"] and table.labels == [0.9, 0.2], name
 
 
-def test_shared_tsv_quoting_is_read_correctly():
-    """Quora has fields with quotes inside; csv quoting must keep every row (322,778 in train)."""
-    table = read_pairs(str(SHARED_DATA / "quora" / "dev.tsv"))
-    assert len(table) == 40303
-    assert any('"' in s for s in table.sentences_a)
+def test_quoted_fields_are_read_correctly():
+    """Quora rows with doubled quotes inside quoted fields (csv.QUOTE_MINIMAL): every line is one row, unquoted."""
+    path = FIXTURES / "quora_quoting.tsv"
+    table = read_pairs(str(path))
+    assert len(table) == len(path.read_text(encoding="utf-8").splitlines()) - 1  # the header
+    assert table.sentences_a[2] == 'In the play "A Raisin in the Sun", why do Walter ad Beneatha argue?'
+    assert table.sentences_b[5] == 'What do you think when you hear the word, "Japan"?'
+    assert table.sentences_b[7] == "What is your favorite top 10 list of \u201cSun\u201d songs?"
+    assert table.labels == [1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
 
 
 def test_recognises_stsb_columns_and_scales_labels():
-    table = read_pairs(str(SHARED_DATA / "stsb" / "dev.tsv"), label_scale=5.0)
-    assert len(table) == 1500 and max(table.labels) == 1.0 and min(table.labels) == 0.0
+    table = read_pairs(str(FIXTURES / "stsb" / "dev.tsv"), label_scale=5.0)  # sentence1, sentence2, score
+    assert len(table) == 6 and max(table.labels) == 1.0 and min(table.labels) == 0.0
+    assert table.labels[3] == pytest.approx(4.2 / 5)  # written "4.2", not "4.200"
 
 
-def test_packaged_stsb_equals_shared_copy_divided_by_five():
-    for split in ("train", "dev", "test"):
+def test_packaged_stsb_equals_original_divided_by_five():
+    """tests/fixtures/stsb/ holds rows of the original STS-B files in their order: the first and last row, a 0
+    and a 5 score, and fields with doubled quotes. The packaged copy has the README's row counts and holds
+    those rows, in the same order, with labels divided by five."""
+    for split, size in (("train", 5749), ("dev", 1500), ("test", 1379)):
         packaged = read_pairs(f"builtin:stsb/{split}")
-        shared = read_pairs(str(SHARED_DATA / "stsb" / f"{split}.tsv"), label_scale=5.0)
-        assert packaged == read_pairs(f"builtin:stsb/{split}") and packaged.labels == shared.labels
-        assert packaged.sentences_a == shared.sentences_a and packaged.sentences_b == shared.sentences_b
+        original = read_pairs(str(FIXTURES / "stsb" / f"{split}.tsv"), label_scale=5.0)
+        rows = list(zip(packaged.sentences_a, packaged.sentences_b, packaged.labels))
+        sample = list(zip(original.sentences_a, original.sentences_b, original.labels))
+        assert len(rows) == size and rows[0] == sample[0] and rows[-1] == sample[-1], split
+        remaining = iter(rows)
+        assert all(row in remaining for row in sample), split  # an ordered subsequence
 
 
 def test_explicit_columns(tmp_path):

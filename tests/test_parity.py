@@ -17,8 +17,6 @@ from minilm_sts.pairs import read_pairs
 from minilm_sts.similarity import correlations, cosine_mse_loss
 from minilm_sts.tokenized import TokenizedPairs, tokenize_texts
 
-from conftest import SHARED_DATA
-
 
 @pytest.fixture(scope="module")
 def reference(real_model_dir):
@@ -36,10 +34,11 @@ def ours(real_model_dir):
 
 @pytest.fixture(scope="module")
 def stsb_test_sentences():
-    table = read_pairs(str(SHARED_DATA / "stsb" / "test.tsv"), label_scale=5.0)
+    table = read_pairs("builtin:stsb/test")
     return table.sentences_a + table.sentences_b
 
 
+@pytest.mark.parity
 def test_token_ids_identical(reference, ours, stsb_test_sentences):
     long_text = "Crème brûlée in 東京 " + "word " * 300
     sentences = stsb_test_sentences + ["MiXeD CaSe Ünïcödé", long_text]
@@ -51,6 +50,8 @@ def test_token_ids_identical(reference, ours, stsb_test_sentences):
     assert (mask.sum(1) == 128).sum() == 1  # only the over-long text reaches the limit
 
 
+@pytest.mark.parity
+@pytest.mark.slow
 def test_embeddings_match_on_stsb_test(reference, ours, stsb_test_sentences):
     assert len(stsb_test_sentences) == 2758
     expected = reference.encode(stsb_test_sentences, batch_size=32, convert_to_tensor=True)
@@ -59,6 +60,7 @@ def test_embeddings_match_on_stsb_test(reference, ours, stsb_test_sentences):
     assert torch.allclose(got.norm(dim=1), torch.ones(len(got)), atol=1e-6)
 
 
+@pytest.mark.parity
 def test_packed_path_equals_padded_path(reference, ours, stsb_test_sentences):
     """Training and encode run packed (no padding tokens); the padded path gives the same embeddings."""
     sentences = stsb_test_sentences[::7]
@@ -70,6 +72,7 @@ def test_packed_path_equals_padded_path(reference, ours, stsb_test_sentences):
     assert (via_packing - via_padding).abs().max().item() <= 1e-5
 
 
+@pytest.mark.parity
 def test_loss_and_gradients_match_cosine_similarity_loss(reference, ours, stsb_test_sentences):
     from sentence_transformers.sentence_transformer.losses import CosineSimilarityLoss
 

@@ -10,6 +10,8 @@ import pytest
 
 from test_cli import cli
 
+pytestmark = pytest.mark.slow
+
 
 CSV_LOGGER = ["--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", "runs",
               "--trainer.enable_progress_bar", "false"]

@@ -1,9 +1,11 @@
-"""The Stack Exchange pair builder on the two real dump sites in ../shared, with counts checked by hand.
+"""The Stack Exchange pair builder on two real dump sites, trimmed (tests/fixtures/stackexchange/), with counts
+checked by hand.
 
-By hand (grep over the XML): bicycles.meta has 453 questions with titles, 189 links, 10 duplicate links, one of
-which (1219 -> 1109) points at a post missing from Posts.xml; quantumcomputing has 612 questions, 327 links and
-14 duplicate links, three of which (1463, 3805 twice) point at missing posts. No usable pair has equal titles
-or repeats, so 9 + 11 = 20 positives.
+The fixture keeps every duplicate link of the two full dumps, the posts they name, 30 more questions per site
+and one post of each other type (trim_stackexchange_dump.py). By hand (grep over the XML): bicycles.meta has
+46 questions with titles, 25 links, 10 duplicate links, one of which (1219 -> 1109) points at a post missing
+from Posts.xml; quantumcomputing has 53 questions, 36 links and 14 duplicate links, three of which (1463,
+3805 twice) point at missing posts. No usable pair has equal titles or repeats, so 9 + 11 = 20 positives.
 """
 
 import tracemalloc
@@ -12,10 +14,9 @@ import pytest
 
 from minilm_sts.stackexchange import DumpError, build_pairs, iter_rows, write_pairs
 
-from conftest import SHARED_DATA
+from conftest import FIXTURES
 
-RAW = SHARED_DATA / "stackexchange" / "raw"
-SITES = sorted(RAW.iterdir())
+SITES = sorted((FIXTURES / "stackexchange").iterdir())
 
 
 @pytest.fixture(scope="module")
@@ -26,9 +27,10 @@ def built():
 def test_counts_match_the_files(built):
     rows, summary = built
     assert summary.sites == ["bicycles.meta.stackexchange.com", "quantumcomputing.stackexchange.com"]
-    assert (summary.questions, summary.links, summary.duplicate_links) == (453 + 612, 189 + 327, 10 + 14)
+    assert (summary.questions, summary.links, summary.duplicate_links) == (46 + 53, 25 + 36, 10 + 14)
     assert summary.dropped == {"link to a missing or non-question post": 4}
     assert (summary.positives, summary.negatives) == (20, 20)
+    assert summary.per_split == {"train": 32, "dev": 4, "test": 4}
     per_site = {}
     for split_rows in rows.values():
         for _, _, label, site in split_rows:
