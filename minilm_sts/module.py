@@ -18,7 +18,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from minilm_sts.encoder import BertConfig, BertEncoder, PackedLayout, PaddedLayout, padded_from_packed
 from minilm_sts.pretrained import DEFAULT_MODEL, resolve_pretrained
-from minilm_sts.similarity import correlations, cosine_mse_loss
+from minilm_sts.losses import cosine_mse_loss
+from minilm_sts.similarity import correlations
 from minilm_sts.tokenized import tokenize_texts
 
 TOKENIZER_CHECKPOINT_KEY = "minilm_sts_tokenizer_files"

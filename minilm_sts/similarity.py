@@ -1,9 +1,8 @@
-"""What sentence similarity means in this package: pooling, the training loss, and the evaluation scores."""
+"""What sentence similarity means in this package: pooling and the evaluation scores (the losses are in losses.py)."""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 
 def mean_pool(token_embeddings: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -11,12 +10,6 @@ def mean_pool(token_embeddings: torch.Tensor, attention_mask: torch.Tensor) -> t
     mask = attention_mask.unsqueeze(-1).to(token_embeddings.dtype)
     summed = (token_embeddings * mask).sum(dim=1)
     return summed / mask.sum(dim=1).clamp(min=1e-9)
-
-
-def cosine_mse_loss(u: torch.Tensor, v: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean squared error between cos(u, v) and the labels, in fp32 even under autocast."""
-    cos = F.cosine_similarity(u.float(), v.float(), dim=1)
-    return F.mse_loss(cos, labels.float().view(-1))
 
 
 def correlations(cosine: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:

@@ -101,7 +101,7 @@ class Ours(Trainee):
         self.dataset = PairDataset(pairs)
 
     def loss(self, indices: list[int]) -> torch.Tensor:
-        from minilm_sts.similarity import cosine_mse_loss
+        from minilm_sts.losses import cosine_mse_loss
 
         batch = {k: v.to(self.device) for k, v in self.dataset.collate(indices).items()}
         u, v = self.model(batch["input_ids"], batch["lengths"]).chunk(2)
