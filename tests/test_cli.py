@@ -255,3 +255,36 @@ def test_a_user_error_prints_no_traceback_and_debug_shows_it(tmp_path):
     debug = subprocess.run([sys.executable, "-m", "minilm_sts", "fit", "--data.batch_size", "0", "--trainer.logger", "false"],
                            cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "MINILM_STS_DEBUG": "1"})
     assert debug.returncode == 1 and "Traceback" in debug.stderr and "PairDataError" in debug.stderr
+
+
+def test_data_seed_follows_seed_everything_unless_set():
+    import lightning as L
+
+    from minilm_sts import PairDataModule
+
+    L.seed_everything(7)
+    assert PairDataModule().hparams.seed == 7
+    assert PairDataModule(seed=3).hparams.seed == 3
+
+
+@pytest.mark.parametrize("command, message", [
+    (["export", "{tmp}/missing.ckpt", "{tmp}/out"], "missing.ckpt: no such checkpoint file or model folder"),
+    (["predict", "{tmp}/missing.ckpt", "{tmp}/in.txt", "--output", "{tmp}/out.npy"], "missing.ckpt: no such checkpoint file or model folder"),
+])
+def test_other_commands_end_a_user_error_the_same_way(tmp_path, capsys, command, message):
+    from minilm_sts.cli import main
+
+    with pytest.raises(SystemExit) as exit:
+        main([part.format(tmp=tmp_path) for part in command])
+    assert exit.value.code == 2 and capsys.readouterr().err.strip() == f"error: {tmp_path}/{message}"
+
+
+def test_an_unexpected_exception_keeps_its_traceback(monkeypatch):
+    import minilm_sts.cli as cli
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(cli, "run_command", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        cli.main(["fit"])
