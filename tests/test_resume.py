@@ -106,6 +106,7 @@ cli.main()
 """
 
 
+@pytest.mark.slow  # three fit processes: about 25 s on 2 CPU cores
 def test_cli_killed_after_its_first_validation_resumes_from_last_to_the_uninterrupted_result(
         tiny_model_dir, pair_files, tmp_path):
     """A real `fit` process, killed (SIGKILL) right after its first validation, leaves a last.ckpt holding that
