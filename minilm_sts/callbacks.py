@@ -1,19 +1,33 @@
-"""Callbacks the recipes use: export of the best checkpoint at the end of fit, and a checkpoint on SIGTERM."""
+"""Callbacks the recipes use: how long a fit runs and its closing validation, `last.ckpt` at every validation,
+export of the best checkpoint at the end of fit, and a checkpoint on SIGTERM."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Optional
 
 import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.model_summary import get_human_readable_count
+
+
+def run_folder(trainer: L.Trainer) -> Path:
+    """This run's own folder, where Lightning puts its checkpoints: `<save_dir>/<name>/<version>/` of the first
+    logger (runs/minilm-sts/<W&B run id>/), or `default_root_dir` when there is no logger."""
+    if not trainer.loggers:
+        return Path(trainer.default_root_dir)
+    logger = trainer.loggers[0]
+    version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
+    return Path(logger.save_dir or trainer.default_root_dir) / str(logger.name) / version
 
 
 def checkpoint_folder(trainer: L.Trainer) -> Path:
     """Where this run's checkpoints go (the run folder when checkpointing is off)."""
     checkpoint = trainer.checkpoint_callback
-    return Path(checkpoint.dirpath) if checkpoint and checkpoint.dirpath else Path(trainer.default_root_dir)
+    return Path(checkpoint.dirpath) if checkpoint and checkpoint.dirpath else run_folder(trainer)
 
 
 def save_emergency_checkpoint(trainer: L.Trainer, name: str) -> Path:
@@ -22,6 +36,76 @@ def save_emergency_checkpoint(trainer: L.Trainer, name: str) -> Path:
     path = checkpoint_folder(trainer) / name
     trainer.save_checkpoint(path)
     return path
+
+
+def training_length(max_steps: int, max_epochs: int, steps_per_epoch: int) -> str:
+    """One sentence naming the bound that ends the run (-1 means no bound, as in Lightning)."""
+    epoch = f"an epoch is {steps_per_epoch} steps"
+    if max_steps == -1 and max_epochs == -1:
+        return "Training has no step or epoch limit: it runs until stopped"
+    if max_steps == -1:
+        epochs = f"{max_epochs} epoch{'s' * (max_epochs != 1)}"
+        return f"Training stops after {epochs}, {max_epochs * steps_per_epoch} steps (max_epochs; {epoch})"
+    if max_epochs == -1:
+        return f"Training stops after {max_steps} steps (max_steps; {epoch})"
+    if max_steps <= max_epochs * steps_per_epoch:
+        return f"Training stops after {max_steps} steps: max_steps={max_steps} comes before max_epochs={max_epochs} ({epoch})"
+    return (f"Training stops after {max_epochs * steps_per_epoch} steps: max_epochs={max_epochs} comes before "
+            f"max_steps={max_steps} ({epoch}); to train {max_steps} steps, leave out max_epochs")
+
+
+class FitPlan(L.Callback):
+    """Says at start-up which bound (max_steps or max_epochs) ends the run and when it validates, and makes
+    the final step validate however short the run, so final metrics and a best checkpoint always exist."""
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        steps_per_epoch = math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches)
+        length = training_length(trainer.fit_loop.max_steps, trainer.fit_loop.max_epochs, steps_per_epoch)
+        trained = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in pl_module.parameters())
+        rank_zero_info(f"Model: {type(pl_module).__name__}, {get_human_readable_count(total)} parameters "
+                       f"({get_human_readable_count(trained)} trained). {length}; {self._validations(trainer)}.")
+
+    @staticmethod
+    def _validations(trainer: L.Trainer) -> str:
+        interval, steps = trainer.val_check_interval, trainer.estimated_stepping_batches
+        if not isinstance(interval, int) or trainer.check_val_every_n_epoch is not None:
+            return "validation as configured and after the last step"
+        if interval < steps:
+            return f"validation every {interval} steps and after the last step"
+        return f"validation after the last step only (val_check_interval={interval}, the run has {steps} steps)"
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args) -> None:
+        # Lightning validates after any batch that sets should_stop; on the final step, stopping changes nothing else.
+        if self._final_step(trainer):
+            trainer.should_stop = True
+
+    @staticmethod
+    def _final_step(trainer: L.Trainer) -> bool:
+        loop = trainer.fit_loop
+        if 0 < loop.max_steps <= trainer.global_step:
+            return True
+        epoch_done = loop.epoch_loop.batch_progress.current.ready >= trainer.num_training_batches
+        return epoch_done and loop.max_epochs not in (None, -1) and trainer.current_epoch + 1 >= loop.max_epochs
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """Writes `last.ckpt` (only) every `every_n_train_steps` steps, at every validation and at the end of
+    training, so `fit --ckpt_path last` can resume from any of them. (ModelCheckpoint alone writes `last.ckpt`
+    at a validation only when it saved a ranked checkpoint at that step.)"""
+
+    def __init__(self, save_last: Optional[bool] = True, save_top_k: int = 0, every_n_train_steps: Optional[int] = 200,
+                 **kwargs):
+        super().__init__(save_last=save_last, save_top_k=save_top_k, every_n_train_steps=every_n_train_steps, **kwargs)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Also when the step's periodic save came first: that one holds the state before this validation.
+        if trainer.state.fn == "fit" and not trainer.sanity_checking and not trainer.fast_dev_run:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._last_global_step_saved != trainer.global_step and not trainer.fast_dev_run:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
 class SaveOnTerminate(L.Callback):

@@ -1,41 +1,68 @@
 """`python -m minilm_sts fit|validate|test` (LightningCLI, with the reference's training defaults), plus
-`export` and `predict`."""
+`export`, `predict` and `build-pairs`. A mistake in what the user gave ends any of them with one message."""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
+import shlex
 import sys
+import warnings
 from importlib import resources
 from pathlib import Path
 
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 from jsonargparse import lazy_instance
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
 
-from minilm_sts.callbacks import ExportBest, SaveOnTerminate
+from minilm_sts.callbacks import ExportBest, FitPlan, LastCheckpoint, SaveOnTerminate, run_folder
 from minilm_sts.datamodule import PairDataModule
-from minilm_sts.module import SentenceEmbedder
-from minilm_sts.tracking import CosineLabelPicture, SaveConfigToLoggers, TrainingSpeed, WandbRunLogger
+from minilm_sts.errors import UserInputError
+from minilm_sts.module import SentenceEmbedder, check_checkpoint
+from minilm_sts.tracking import CosineLabelPicture, SaveConfigToLoggers, TrainingSpeed, WandbRunLogger, wandb_run_line
 
 # The embedded default recipe: fine-tune on the packaged STS Benchmark (configs/stsb.yaml points here).
 DEFAULT_RECIPE = str(resources.files("minilm_sts") / "recipes" / "stsb.yaml")
+# Naming any of these means the user brings a recipe or data of their own: the embedded recipe then stays out,
+# so no data set the user did not name (such as the STS-B test split) slips into the run.
+OWN_RECIPE_OPTIONS = ("-c", "--config", "--data", "--data.train_path", "--data.val_path", "--data.test_path")
 
 SUBCOMMANDS = ("fit", "validate", "test")
+USER_ERROR_EXIT = 2  # as for a command-line mistake that the parser catches
 
 TRAINER_DEFAULTS = {
-    "max_epochs": 1,
     "check_val_every_n_epoch": None,  # count val_check_interval in optimizer steps across epochs, like HF "steps"
     "val_check_interval": 500,
     "default_root_dir": "runs",
     "log_every_n_steps": 1,  # train/loss at every step
+    # Lightning's summary is one row here, with "FLOPs: 0" (its counter cannot see the oneDNN inference path);
+    # FitPlan states the parameter count instead.
+    "enable_model_summary": False,
     "use_distributed_sampler": False,  # PairDataModule shards its own batches and evaluation sets
     "logger": lazy_instance(WandbRunLogger),  # --trainer.logger false turns logging off
-    "callbacks": [lazy_instance(TrainingSpeed), lazy_instance(CosineLabelPicture), lazy_instance(SaveOnTerminate)],
+    "callbacks": [lazy_instance(TrainingSpeed), lazy_instance(CosineLabelPicture), lazy_instance(SaveOnTerminate),
+                  lazy_instance(FitPlan)],
 }
 
 
+def given(command_line: list[str], option: str) -> bool:
+    """Whether the command line names `option` (as `--option value` or `--option=value`)."""
+    return any(arg == option or arg.startswith(option + "=") for arg in command_line)
+
+
+def uses_embedded_recipe(command_line: list[str]) -> bool:
+    return not any(given(command_line, option) for option in OWN_RECIPE_OPTIONS)
+
+
 class MiniLMCLI(LightningCLI):
+    def __init__(self, *args, command_line: list[str], **kwargs):
+        self.command_line = command_line
+        super().__init__(*args, **kwargs)
+
     @staticmethod
     def subcommands() -> dict:
         # `predict` is our own command (files in, embeddings or scores out), dispatched before LightningCLI.
@@ -50,21 +77,52 @@ class MiniLMCLI(LightningCLI):
             "checkpoint.filename": "step{step}-spearman{val/spearman_cosine:.4f}",
             "checkpoint.auto_insert_metric_name": False,
         })
-        parser.add_lightning_class_args(ModelCheckpoint, "periodic_checkpoint")
-        parser.set_defaults({  # last.ckpt at every validation and every N steps, for resuming long runs
-            "periodic_checkpoint.save_top_k": 0,
-            "periodic_checkpoint.save_last": True,
-            "periodic_checkpoint.every_n_train_steps": 200,
-        })
+        parser.add_lightning_class_args(LastCheckpoint, "periodic_checkpoint")
         parser.add_lightning_class_args(ExportBest, "export")
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand]
+        if uses_embedded_recipe(self.command_line):
+            rank_zero_info(f"Recipe: the embedded STS-B default ({DEFAULT_RECIPE}); --config or --data.*_path "
+                           "replace it with yours.")
         # Precision follows the hardware unless the recipe or the command line chose one.
         if config.trainer.precision is None:
             config.trainer.precision = "16-mixed" if torch.cuda.is_available() else "32-true"
+        settle_training_length(config.trainer, self.command_line)
         if config.get("ckpt_path") == "last":
             config.ckpt_path = str(newest_last_checkpoint(Path(config.trainer.default_root_dir or ".")))
+        elif config.get("ckpt_path") and "://" not in config.ckpt_path and config.ckpt_path not in ("best", "hpc"):
+            check_checkpoint(Path(config.ckpt_path))
+        if config.trainer.enable_checkpointing is False and config.export.dirpath:
+            raise UserInputError("--export.dirpath exports the best checkpoint, but --trainer.enable_checkpointing "
+                                 "is false; drop one of them")
+
+    def _instantiate_trainer(self, config: dict, callbacks: list) -> Trainer:
+        # The checkpoint writers that add_arguments_to_parser always adds serve fit only (elsewhere, loading their
+        # state from a checkpoint of another run makes Lightning warn that their folder changed), and none of
+        # them with `--trainer.enable_checkpointing false`, which Lightning refuses alongside checkpoint callbacks.
+        if self.subcommand != "fit" or config.get("enable_checkpointing") is False:
+            callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
+            config["enable_checkpointing"] = False
+        return super()._instantiate_trainer(config, callbacks)
+
+    def after_fit(self) -> None:
+        if self.trainer.is_global_zero:
+            print(closing_summary(self.trainer), flush=True)
+
+
+def settle_training_length(trainer, command_line: list[str]) -> None:
+    """Which of max_steps and max_epochs bounds the run. Left unset, max_epochs is 1, or unbounded when
+    max_steps is set. A bound given on the command line replaces the other kind of bound that a recipe set (as
+    Hugging Face's max_steps overrides num_train_epochs); bounds given together stop at the first reached."""
+    steps_given = given(command_line, "--trainer.max_steps") and trainer.max_steps not in (None, -1)
+    epochs_given = given(command_line, "--trainer.max_epochs") and trainer.max_epochs not in (None, -1)
+    if steps_given and not epochs_given:
+        trainer.max_epochs = -1
+    elif epochs_given and not steps_given:
+        trainer.max_steps = -1
+    if trainer.max_epochs is None:
+        trainer.max_epochs = 1 if trainer.max_steps in (None, -1) else -1
 
 
 def newest_last_checkpoint(root: Path) -> Path:
@@ -72,8 +130,35 @@ def newest_last_checkpoint(root: Path) -> Path:
     in the new run's own checkpoint folder, which a new W&B run id makes empty.)"""
     candidates = sorted(root.rglob("last.ckpt"), key=lambda p: p.stat().st_mtime)
     if not candidates:
-        raise FileNotFoundError(f"--ckpt_path last: no last.ckpt under {root.resolve()}; give the checkpoint's path")
+        raise UserInputError(f"--ckpt_path last: no last.ckpt under {root.resolve()}; give the checkpoint's path")
     return candidates[-1]
+
+
+def closing_summary(trainer) -> str:
+    """What a fit made and what to run next, with the run's real paths."""
+    folder = run_folder(trainer)
+    lines = [f"Run folder: {folder}"]
+    best_writer = next((c for c in trainer.checkpoint_callbacks if c.monitor and c.best_model_path), None)
+    last = next((c.last_model_path for c in trainer.checkpoint_callbacks if c.last_model_path), "")
+    if best_writer:
+        step = torch.load(best_writer.best_model_path, map_location="cpu", weights_only=True, mmap=True)["global_step"]
+        lines.append(f"Best checkpoint: {best_writer.best_model_path} ({best_writer.monitor} "
+                     f"{float(best_writer.best_model_score):.4f} at step {step})")
+    if last:
+        lines.append(f"Last checkpoint: {last}")
+    if not trainer.checkpoint_callbacks:
+        lines.append("No checkpoints: --trainer.enable_checkpointing is false.")
+    wandb_line = wandb_run_line(trainer)
+    if wandb_line:
+        lines.append(wandb_line)
+    chosen = best_writer.best_model_path if best_writer else last
+    if chosen:
+        test = shlex.join(["python", "-m", "minilm_sts", "test", "--config", str(folder / "config.yaml"), "--ckpt_path", chosen])
+        if not trainer.datamodule.sources["test"]:  # this run names no test set: the user brings one
+            test += " --data.test_path <your test file>"
+        export = shlex.join(["python", "-m", "minilm_sts", "export", chosen, str(folder / "model")])
+        lines += ["Next:", f"  {test}", f"  {export}"]
+    return "\n".join(lines)
 
 
 def export_command(args: list[str]) -> None:
@@ -88,8 +173,21 @@ def export_command(args: list[str]) -> None:
     print(f"Exported to {export_with_card(options.checkpoint, options.out_dir, options.overwrite)}")
 
 
-def main(args: list[str] | None = None) -> MiniLMCLI | None:
-    command_line = sys.argv[1:] if args is None else list(args)
+def not_a_cloud_tip(record: logging.LogRecord) -> bool:
+    """False for Lightning's advertisements of its cloud logger and model registry, printed by every Trainer."""
+    return not str(record.msg).startswith("💡 Tip: For seamless cloud")
+
+
+def quiet_known_noise() -> None:
+    """Silence what every run printed and no user can act on, each filter as narrow as its message."""
+    # Lightning's CombinedLoader builds a torch LeafSpec, which torch 2.13 deprecates.
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
+    from lightning_utilities.core import rank_zero
+
+    rank_zero.log.addFilter(not_a_cloud_tip)  # adding the same filter again changes nothing
+
+
+def run_command(command_line: list[str], from_argv: bool) -> MiniLMCLI | None:
     if command_line[:1] == ["export"]:
         return export_command(command_line[1:])
     if command_line[:1] == ["build-pairs"]:
@@ -100,14 +198,34 @@ def main(args: list[str] | None = None) -> MiniLMCLI | None:
         from minilm_sts.predict import predict_command
 
         return predict_command(command_line[1:])
+    recipe = [DEFAULT_RECIPE] if uses_embedded_recipe(command_line) else []
     return MiniLMCLI(
         SentenceEmbedder,
         PairDataModule,
-        args=args,  # None: LightningCLI reads sys.argv itself (given both, it warns on every run)
+        command_line=command_line,
+        args=None if from_argv else command_line,  # None: LightningCLI reads sys.argv (given both, it warns)
         seed_everything_default=42,
         trainer_defaults=TRAINER_DEFAULTS,
         save_config_callback=SaveConfigToLoggers,
-        save_config_kwargs={"overwrite": True},  # a second run in the same folder must not fail
+        save_config_kwargs={"overwrite": True, "save_to_log_dir": False},  # saved in the run's own folder instead
         auto_configure_optimizers=False,  # the module's per-step schedule is the recipe
-        parser_kwargs={command: {"default_config_files": [DEFAULT_RECIPE]} for command in SUBCOMMANDS},
+        parser_kwargs={command: {"default_config_files": recipe} for command in SUBCOMMANDS},
     )
+
+
+def main(args: list[str] | None = None) -> MiniLMCLI | None:
+    """Run a command. A UserInputError prints its message alone and exits with status 2; `--debug` or
+    MINILM_STS_DEBUG=1 shows its traceback instead. Any other exception keeps its traceback."""
+    command_line = sys.argv[1:] if args is None else list(args)
+    debug = "--debug" in command_line or os.environ.get("MINILM_STS_DEBUG", "") not in ("", "0")
+    command_line = [arg for arg in command_line if arg != "--debug"]
+    if args is None:
+        sys.argv[1:] = command_line
+    quiet_known_noise()
+    try:
+        return run_command(command_line, from_argv=args is None)
+    except UserInputError as err:
+        if debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(USER_ERROR_EXIT)

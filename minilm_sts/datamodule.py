@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from typing import Callable, Literal, Optional, Union
 
 import lightning as L
@@ -176,7 +177,7 @@ class PairDataModule(L.LightningDataModule):
         label_scale: labels are divided by this (5.0 for raw STS-B scores 0-5).
         batch_size: pairs per batch.
         num_workers: DataLoader worker processes.
-        seed: seeds the training shuffle.
+        seed: seeds the training shuffle; by default the seed given to `seed_everything` (42 if none was).
         multi_dataset_sampler: with several training sets, `round_robin` or `proportional`.
         monitor_val: the validation set whose scores are also logged as `val/spearman_cosine` etc., the keys
             checkpoint selection uses (default: the first).
@@ -186,21 +187,25 @@ class PairDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        train_path: Union[str, list[str], dict[str, str], None] = "builtin:stsb/train",
-        val_path: Union[str, list[str], dict[str, str], None] = "builtin:stsb/dev",
-        test_path: Union[str, list[str], dict[str, str], None] = "builtin:stsb/test",
+        train_path: Union[str, list[str], dict[str, str], None] = None,
+        val_path: Union[str, list[str], dict[str, str], None] = None,
+        test_path: Union[str, list[str], dict[str, str], None] = None,
         sentence_columns: Optional[list[str]] = None,
         label_column: Optional[str] = None,
         label_scale: float = 1.0,
         batch_size: int = 32,
         num_workers: int = 0,
-        seed: int = 42,
+        seed: Optional[int] = None,
         multi_dataset_sampler: Literal["round_robin", "proportional"] = "round_robin",
         monitor_val: Optional[str] = None,
         drop_invalid: bool = False,
     ):
         super().__init__()
+        if batch_size < 1:
+            raise PairDataError(f"batch_size must be at least 1 pair, got {batch_size}")
         self.save_hyperparameters()
+        if seed is None:  # Lightning's seed_everything records its seed here, for worker processes too
+            self.hparams.seed = int(os.environ.get("PL_GLOBAL_SEED", 42))
         self.tokenizer = None
         self.max_seq_length: Optional[int] = None
         self.sources = {split: named_sources(getattr(self.hparams, f"{split}_path")) for split in SPLITS}

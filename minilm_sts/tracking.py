@@ -14,7 +14,7 @@ from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
-from minilm_sts.callbacks import checkpoint_folder
+from minilm_sts.callbacks import checkpoint_folder, run_folder
 from minilm_sts.plots import save_cosine_label_picture
 
 WANDB_HOST = "api.wandb.ai"
@@ -46,13 +46,30 @@ class WandbRunLogger(WandbLogger):
                 )
         Path(save_dir).mkdir(parents=True, exist_ok=True)
         super().__init__(project=project, save_dir=save_dir, offline=offline, **kwargs)
+        if self._wandb_init.get("anonymous") is None:
+            # WandbLogger always passes `anonymous`, and wandb warns that the setting has no effect even when None.
+            del self._wandb_init["anonymous"]
+
+
+def wandb_run_line(trainer: L.Trainer) -> Optional[str]:
+    """Where the run's W&B record is: its URL, or for an offline run the command that uploads it."""
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger) and not logger.experiment.disabled:
+            run = logger.experiment
+            return f"W&B run (offline): upload it with `wandb sync {run.sync_dir}`" if run.offline else f"W&B run: {run.url}"
+    return None
 
 
 class SaveConfigToLoggers(SaveConfigCallback):
-    """Besides config.yaml, put the whole resolved LightningCLI config into the W&B run config
-    (Lightning does not: Lightning-AI/pytorch-lightning#19728)."""
+    """Save the whole resolved LightningCLI config as config.yaml in the run's own folder (Lightning's default
+    place, `trainer.log_dir`, is runs/ for W&B, shared by every run) and into the W&B run config (Lightning does
+    not: Lightning-AI/pytorch-lightning#19728). Runs on global rank zero."""
 
     def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        folder = run_folder(trainer)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.parser.save(self.config, folder / self.config_filename, skip_none=False, overwrite=self.overwrite,
+                         multifile=self.multifile)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.experiment.config.update({"cli": self.config.as_dict()}, allow_val_change=True)

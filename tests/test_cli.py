@@ -9,6 +9,8 @@ import pytest
 import torch
 import yaml
 
+from minilm_sts.errors import UserInputError
+
 from wandb_records import run_content
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,9 +87,15 @@ def test_fit_runs_twice_in_one_folder_with_offline_wandb(tiny_model_dir, pair_fi
         assert {"train/loss", "train/lr", "train/grad_norm", "train/pairs_per_sec", "train/tokens_per_sec",
                 "val/pearson_cosine", "val/spearman_cosine", "trainer/global_step"} <= metrics
         assert any(key.startswith("val/cosine_vs_label") for key in metrics)
+        output = result.stdout + result.stderr
+        assert f"W&B run (offline): upload it with `wandb sync {run_files[-1].parent.relative_to(tmp_path)}`" in result.stdout
+        for noise in ("anonymous setting", "LeafSpec", "💡 Tip", "Total FLOPs"):  # warnings nobody can act on
+            assert noise not in output
     run_dirs = sorted(p for p in (tmp_path / "runs" / "minilm-sts").iterdir())
     assert len(run_dirs) == 2
+    assert not (tmp_path / "runs" / "config.yaml").exists()  # each run's config lives in its own folder
     for run_dir in run_dirs:
+        assert yaml.safe_load((run_dir / "config.yaml").read_text())["model"]["lr"] == 1e-3
         names = {p.name for p in (run_dir / "checkpoints").iterdir()}
         assert "last.ckpt" in names and any(n.startswith("step") and n.endswith(".ckpt") for n in names)
         assert not [n for n in names if n.startswith("last-v")]  # one last.ckpt, not one per callback
@@ -112,3 +120,175 @@ def test_bad_data_fails_before_training(tiny_model_dir, pair_files, tmp_path):
     assert result.returncode != 0
     assert f"{bad}, line 3, column 'label': expected a finite number, got 'abc'" in result.stderr
     assert "Epoch 0" not in result.stdout + result.stderr
+
+
+def tiny_fit_args(tiny_model_dir, pair_files) -> list[str]:
+    return ["--model.pretrained", str(tiny_model_dir), "--data.batch_size", "8", "--trainer.enable_progress_bar", "false"]
+
+
+def write_user_recipe(folder: Path, pair_files) -> Path:
+    """What a user writes first: their two data files and nothing else."""
+    recipe = folder / "mine.yaml"
+    recipe.write_text(yaml.safe_dump({"data": {"train_path": str(pair_files["train"]), "val_path": str(pair_files["val"])}}))
+    return recipe
+
+
+def test_a_user_recipe_gets_the_documented_defaults_and_no_inherited_data(pair_files, tmp_path):
+    import inspect
+
+    from minilm_sts import PairDataModule, SentenceEmbedder
+
+    config = resolved("--config", str(write_user_recipe(tmp_path, pair_files)))
+    assert config["data"]["train_path"] == str(pair_files["train"]) and config["data"]["test_path"] is None
+    for section, cls in (("model", SentenceEmbedder), ("data", PairDataModule)):
+        for name, parameter in inspect.signature(cls.__init__).parameters.items():
+            if parameter.default is not inspect.Parameter.empty and name not in ("train_path", "val_path"):
+                assert config[section][name] == parameter.default, f"{section}.{name}"
+    assert config["trainer"]["val_check_interval"] == 500 and config["trainer"]["max_epochs"] is None
+    # naming a data set on the command line also leaves the STS-B recipe out
+    assert resolved("--data.train_path", str(pair_files["train"]))["data"]["val_path"] is None
+
+
+def test_test_of_a_user_recipe_scores_no_set_it_did_not_name(tiny_model_dir, pair_files, tmp_path):
+    result = cli("test", "--config", str(write_user_recipe(tmp_path, pair_files)), "--model.pretrained",
+                 str(tiny_model_dir), "--trainer.logger", "false", cwd=tmp_path, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == "error: no test data: set --data.test_path"
+
+
+def test_short_run_validates_at_its_end_and_the_summary_gives_the_next_commands(tiny_model_dir, pair_files, tmp_path):
+    """7 steps with the default validation interval (500): the run still validates at step 7, keeps that
+    checkpoint as the best, and the closing summary's test command runs as printed."""
+    recipe = write_user_recipe(tmp_path, pair_files)
+    result = cli("fit", "--config", str(recipe), *tiny_fit_args(tiny_model_dir, pair_files), "--trainer.max_steps", "7",
+                 "--seed_everything", "7", cwd=tmp_path)
+    assert ("Training stops after 7 steps (max_steps; an epoch is 5 steps); validation after the last step only "
+            "(val_check_interval=500, the run has 7 steps)") in result.stdout + result.stderr
+    run_dir = next((tmp_path / "runs" / "minilm-sts").iterdir())  # the default logger (W&B, disabled by conftest)
+    best = next((run_dir / "checkpoints").glob("step*.ckpt"))
+    assert best.name.startswith("step7-")
+    checkpoint = torch.load(best, weights_only=True)
+    assert checkpoint["global_step"] == 7 and checkpoint["datamodule_hyper_parameters"]["seed"] == 7  # follows the seed
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 7
+
+    summary = result.stdout[result.stdout.index("Run folder:"):].splitlines()
+    score = checkpoint["callbacks"][next(k for k in checkpoint["callbacks"] if "val/spearman_cosine" in k)]["best_model_score"]
+    assert summary[0] == f"Run folder: {run_dir.relative_to(tmp_path)}"
+    assert summary[1] == f"Best checkpoint: {best.relative_to(tmp_path)} (val/spearman_cosine {float(score):.4f} at step 7)"
+    assert summary[2] == f"Last checkpoint: {run_dir.relative_to(tmp_path) / 'checkpoints' / 'last.ckpt'}"
+    test_command, export_command = summary[-2].split(), summary[-1].split()
+    assert test_command[:9] == ["python", "-m", "minilm_sts", "test", "--config",
+                                str(run_dir.relative_to(tmp_path) / "config.yaml"), "--ckpt_path", str(best.relative_to(tmp_path)),
+                                "--data.test_path"]  # this recipe names no test set
+    assert export_command == ["python", "-m", "minilm_sts", "export", str(best.relative_to(tmp_path)),
+                              str(run_dir.relative_to(tmp_path) / "model")]
+    tested = cli(*test_command[3:9], str(pair_files["val"]), "--trainer.logger", "false", cwd=tmp_path)
+    assert "test/spearman_cosine" in tested.stdout
+
+
+def test_enable_checkpointing_false_trains_and_writes_no_checkpoint(tiny_model_dir, pair_files, tmp_path):
+    result = cli("fit", "--config", str(write_user_recipe(tmp_path, pair_files)), *tiny_fit_args(tiny_model_dir, pair_files),
+                 "--trainer.enable_checkpointing", "false", "--trainer.logger", "false", cwd=tmp_path)
+    assert "`Trainer.fit` stopped: `max_epochs=1` reached" in result.stdout + result.stderr
+    assert not list(tmp_path.rglob("*.ckpt")) and "No checkpoints" in result.stdout
+    assert (tmp_path / "runs" / "cosine_vs_label_step5.png").is_file()  # it validated at its end
+
+
+def test_a_command_line_bound_replaces_the_recipes_other_bound():
+    from types import SimpleNamespace
+
+    from minilm_sts.cli import settle_training_length
+
+    def settle(max_steps, max_epochs, *command_line):
+        trainer = SimpleNamespace(max_steps=max_steps, max_epochs=max_epochs)
+        settle_training_length(trainer, list(command_line))
+        return trainer.max_steps, trainer.max_epochs
+
+    assert settle(-1, None) == (-1, 1)  # the default: one epoch
+    assert settle(40, None) == (40, -1)  # max_steps alone: as many epochs as it takes
+    assert settle(40, 1, "--trainer.max_steps", "40") == (40, -1)  # overrides the recipe's max_epochs
+    assert settle(40, 1, "--trainer.max_steps=40") == (40, -1)
+    assert settle(1000, 2, "--trainer.max_epochs", "2") == (-1, 2)  # overrides the recipe's max_steps
+    assert settle(40, 1, "--trainer.max_steps", "40", "--trainer.max_epochs", "1") == (40, 1)  # both: first reached
+    assert settle(40, 3) == (40, 3)  # both in one recipe: first reached
+
+
+def test_the_start_up_line_names_the_bound_that_ends_the_run():
+    from minilm_sts.callbacks import training_length
+
+    assert training_length(40, -1, 7) == "Training stops after 40 steps (max_steps; an epoch is 7 steps)"
+    assert training_length(-1, 2, 7) == "Training stops after 2 epochs, 14 steps (max_epochs; an epoch is 7 steps)"
+    assert training_length(40, 1, 7).startswith("Training stops after 7 steps: max_epochs=1 comes before max_steps=40")
+    assert training_length(10, 3, 7).startswith("Training stops after 10 steps: max_steps=10 comes before max_epochs=3")
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--data.batch_size", "0", "error: batch_size must be at least 1 pair, got 0"),
+    ("--data.train_path", "{tmp}/missing.tsv", "missing.tsv"),
+    ("--data.train_path", "{tmp}", "is a directory"),
+    ("--model.pretrained", "{tmp}/no-model", "pretrained folder"),
+    ("--ckpt_path", "last", "error: --ckpt_path last: no last.ckpt under"),
+    ("--ckpt_path", "{tmp}/nope.ckpt", "nope.ckpt: no such checkpoint file"),
+])
+def test_a_user_error_is_one_message_and_exit_status_2(tiny_model_dir, pair_files, tmp_path, monkeypatch, capsys,
+                                                       option, value, message):
+    from minilm_sts.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["minilm_sts"])  # as if the args were the command line
+    args = ["fit", "--model.pretrained", str(tiny_model_dir), "--data.train_path", str(pair_files["train"]),
+            "--data.val_path", str(pair_files["val"]), "--trainer.logger", "false", option, value.format(tmp=tmp_path)]
+    with pytest.raises(SystemExit) as exit:
+        main(args)
+    assert exit.value.code == 2
+    error_lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(error_lines) == 1 and message in error_lines[0]
+    assert not list(tmp_path.rglob("*.ckpt"))
+    with pytest.raises(UserInputError, match=message.removeprefix("error: ")):  # --debug: the exception itself
+        main([*args, "--debug"])
+
+
+def test_a_user_error_prints_no_traceback_and_debug_shows_it(tmp_path, monkeypatch):
+    from minilm_sts.cli import main
+
+    result = cli("fit", "--data.batch_size", "0", "--trainer.logger", "false", cwd=tmp_path, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == "error: batch_size must be at least 1 pair, got 0"
+    monkeypatch.setenv("MINILM_STS_DEBUG", "1")  # the exception itself, which Python prints with its traceback
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["minilm_sts"])
+    with pytest.raises(UserInputError, match="batch_size must be at least 1 pair"):
+        main(["fit", "--data.batch_size", "0", "--trainer.logger", "false"])
+
+
+def test_data_seed_follows_seed_everything_unless_set():
+    import lightning as L
+
+    from minilm_sts import PairDataModule
+
+    L.seed_everything(7)
+    assert PairDataModule().hparams.seed == 7
+    assert PairDataModule(seed=3).hparams.seed == 3
+
+
+@pytest.mark.parametrize("command, message", [
+    (["export", "{tmp}/missing.ckpt", "{tmp}/out"], "missing.ckpt: no such checkpoint file or model folder"),
+    (["predict", "{tmp}/missing.ckpt", "{tmp}/in.txt", "--output", "{tmp}/out.npy"], "missing.ckpt: no such checkpoint file or model folder"),
+])
+def test_other_commands_end_a_user_error_the_same_way(tmp_path, capsys, command, message):
+    from minilm_sts.cli import main
+
+    with pytest.raises(SystemExit) as exit:
+        main([part.format(tmp=tmp_path) for part in command])
+    assert exit.value.code == 2 and capsys.readouterr().err.strip() == f"error: {tmp_path}/{message}"
+
+
+def test_an_unexpected_exception_keeps_its_traceback(monkeypatch):
+    import minilm_sts.cli as cli
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(cli, "run_command", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        cli.main(["fit"])

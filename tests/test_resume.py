@@ -1,13 +1,17 @@
 """Resume: stopping mid-epoch and continuing from last.ckpt ends with the same weights and metrics as an
 uninterrupted run (CPU, same seed), at the same step and in the same data order."""
 
+import signal
+import subprocess
+import sys
+
 import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from minilm_sts.datamodule import PairBatches, PairDataModule
-from minilm_sts.module import SentenceEmbedder
+from minilm_sts.module import RUN_CHECKPOINT_KEY, SentenceEmbedder
 
 
 class Crash(Exception):
@@ -85,3 +89,53 @@ def test_proportional_visits_every_batch_of_every_dataset():
     assert len(plan) == len(batches) == 5 + 2 + 4
     assert sorted(i for b in plan for i in b) == list(range(21))
     assert plan == list(PairBatches([10, 4, 7], 2, seed=0, mode="proportional", batches_done=lambda: 0))
+
+
+KILL_AFTER_FIRST_VALIDATION = """
+import os, signal
+import lightning as L
+import minilm_sts.cli as cli
+
+class KillAfterFirstValidation(L.Callback):
+    def on_train_batch_start(self, trainer, *args):
+        if trainer.global_step == 2:  # step 2 has trained and validated; nothing of step 3 has run
+            os.kill(os.getpid(), signal.SIGKILL)
+
+cli.TRAINER_DEFAULTS["callbacks"].append(KillAfterFirstValidation())
+cli.main()
+"""
+
+
+@pytest.mark.slow  # three fit processes: about 25 s on 2 CPU cores
+def test_cli_killed_after_its_first_validation_resumes_from_last_to_the_uninterrupted_result(
+        tiny_model_dir, pair_files, tmp_path):
+    """A real `fit` process, killed (SIGKILL) right after its first validation, leaves a last.ckpt holding that
+    validation; `fit --ckpt_path last` then ends with the weights and metrics of a run never interrupted."""
+    args = ["fit", "--model.pretrained", str(tiny_model_dir), "--data.train_path", str(pair_files["train"]),
+            "--data.val_path", str(pair_files["val"]), "--data.batch_size", "8", "--model.lr", "1e-3",
+            "--trainer.max_epochs", "2", "--trainer.val_check_interval", "2", "--trainer.logger", "false",
+            "--trainer.enable_progress_bar", "false"]
+    (tmp_path / "full").mkdir(), (tmp_path / "part").mkdir()
+    full = subprocess.Popen([sys.executable, "-m", "minilm_sts", *args], cwd=tmp_path / "full", stderr=subprocess.PIPE, text=True)
+    killed = subprocess.run([sys.executable, "-c", KILL_AFTER_FIRST_VALIDATION, *args], cwd=tmp_path / "part",
+                            capture_output=True, text=True)
+    assert full.wait() == 0, full.stderr.read()[-3000:]
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+
+    last = tmp_path / "part" / "runs" / "checkpoints" / "last.ckpt"
+    saved = torch.load(last, weights_only=True)
+    assert saved["global_step"] == 2 and [row["step"] for row in saved[RUN_CHECKPOINT_KEY]["log"]] == [2]
+    resumed = subprocess.run([sys.executable, "-m", "minilm_sts", *args, "--ckpt_path", "last"], cwd=tmp_path / "part",
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    expected = torch.load(tmp_path / "full" / "runs" / "checkpoints" / "last.ckpt", weights_only=True)
+    got = torch.load(last, weights_only=True)
+    assert got["global_step"] == expected["global_step"] == 10
+    expected_log, got_log = expected[RUN_CHECKPOINT_KEY]["log"], got[RUN_CHECKPOINT_KEY]["log"]
+    assert [row["step"] for row in got_log] == [row["step"] for row in expected_log] == [2, 4, 6, 8, 10]
+    for a, b in zip(expected_log, got_log):
+        assert a["spearman_cosine"] == pytest.approx(b["spearman_cosine"], abs=1e-6)
+        assert a["training_loss"] == pytest.approx(b["training_loss"], abs=1e-6)
+    for name, tensor in expected["state_dict"].items():
+        assert torch.allclose(tensor, got["state_dict"][name], atol=1e-6), name
