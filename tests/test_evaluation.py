@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -43,11 +42,12 @@ def test_binary_metrics_by_hand_with_a_tie_across_classes():
 
 
 def test_a_midpoint_that_rounds_onto_the_lower_score_falls_back_to_the_higher():
-    high = torch.tensor(0.5, dtype=torch.float32)
-    low = torch.nextafter(high, torch.tensor(0.0))  # no float32 lies strictly between the two
+    low = torch.tensor(0.5, dtype=torch.float32)
+    high = torch.nextafter(low, torch.tensor(1.0))  # no float32 between them: (high + low) / 2 rounds to low
+    assert (high + low) / 2 == low
     values = binary_classification(torch.stack([high, low]), torch.tensor([1.0, 0.0]))
     assert values["cosine_accuracy"] == 1.0
-    assert values["cosine_accuracy_threshold"] == 0.5  # a threshold of `low` would also admit the negative
+    assert values["cosine_accuracy_threshold"] == high.item()  # a threshold of `low` would admit the negative
 
 
 def test_pair_metrics_adds_binary_metrics_only_to_sets_with_both_labels():
