@@ -285,7 +285,8 @@ def test_binary_classification_matches_sentence_transformers_on_real_weights(mod
     a, b = stsb_dev.sentences_a, stsb_dev.sentences_b
     labels = [int(label >= 0.6) for label in stsb_dev.labels]
     evaluator = BinaryClassificationEvaluator(a, b, labels, write_csv=False, similarity_fn_names=["cosine"])
-    expected = {f"cosine_{key}": float(value) for key, value in evaluator.compute_metrics(reference_model)["cosine"].items()}
+    reference_values = evaluator.compute_metrics(reference_model)["cosine"]
+    expected = {f"cosine_{key}": float(value) for key, value in reference_values.items()}
     assert set(expected) == BINARY_KEYS
 
     # Both sides score ST's own embeddings; our cosine is the one validation uses.
