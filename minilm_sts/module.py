@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from lightning.fabric.plugins.precision.amp import _optimizer_handles_unscaling
 from lightning.pytorch.utilities import rank_zero_warn
 
-from minilm_sts.encoder import BertConfig, BertEncoder, PackedLayout, PaddedLayout, padded_from_packed
+from minilm_sts.encoder import BertConfig, BertModel, PackedLayout, PaddedLayout, padded_from_packed
 from minilm_sts.errors import MissingInputError, UserInputError
 from minilm_sts.pretrained import DEFAULT_MODEL, resolve_pretrained
 from minilm_sts.losses import cosine_mse_loss
@@ -76,11 +76,11 @@ class SentenceEmbedder(L.LightningModule):
         self.save_hyperparameters()
         if encoder_config is None:
             folder = resolve_pretrained(pretrained)
-            self.encoder = BertEncoder(BertConfig.from_folder(folder))
+            self.encoder = BertModel(BertConfig.from_folder(folder))
             self.encoder.load_safetensors(folder / "model.safetensors")
             self.hparams.encoder_config = self.encoder.config.to_dict()
         else:
-            self.encoder = BertEncoder(BertConfig.from_dict(encoder_config))
+            self.encoder = BertModel(BertConfig.from_dict(encoder_config))
         if max_seq_length > self.encoder.config.max_position_embeddings:
             raise UserInputError(f"max_seq_length {max_seq_length} exceeds the model's "
                                  f"{self.encoder.config.max_position_embeddings} position embeddings")
