@@ -8,8 +8,8 @@ import pytest
 import scipy.stats
 import torch
 
+from minilm_sts.embedder import SentenceEncoder
 from minilm_sts.encoder import PaddedLayout
-from minilm_sts.module import SentenceEmbedder
 from minilm_sts.pairs import read_pairs
 from minilm_sts.similarity import correlations
 
@@ -25,7 +25,7 @@ def reference(real_model_dir):
 
 @pytest.fixture(scope="module")
 def ours(real_model_dir):
-    return SentenceEmbedder(pretrained=str(real_model_dir)).eval()
+    return SentenceEncoder.from_pretrained(real_model_dir, max_seq_length=128).eval()
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,7 @@ def test_packed_path_equals_padded_path(reference, ours, stsb_test_sentences):
     sentences = stsb_test_sentences[::7]
     padded = reference.tokenize(sentences)
     with torch.no_grad():
-        via_padding = ours.encoder.sentence_embeddings(padded["input_ids"], PaddedLayout(padded["attention_mask"]))
+        via_padding = ours.bert.sentence_embeddings(padded["input_ids"], PaddedLayout(padded["attention_mask"]))
         packed = ours.tokenize(sentences)
         via_packing = ours(packed["input_ids"], packed["lengths"])
     assert (via_packing - via_padding).abs().max().item() <= 1e-5
