@@ -1,7 +1,9 @@
 """Fine-tune sentence embedders (all-MiniLM-L6-v2 and other BERTs) with cosine-MSE on labelled pairs."""
 
 from minilm_sts.datamodule import PairDataModule
-from minilm_sts.module import SentenceEmbedder, load
+from minilm_sts.embedder import SentenceEncoder
+from minilm_sts.loading import load
+from minilm_sts.module import SentenceEmbedder
+from minilm_sts.version import __version__
 
-__all__ = ["PairDataModule", "SentenceEmbedder", "load"]
-__version__ = "0.1.0"
+__all__ = ["PairDataModule", "SentenceEmbedder", "SentenceEncoder", "load", "__version__"]

@@ -51,7 +51,7 @@ def _title(h, train) -> str:
 
 
 def _summary(model, train) -> str:
-    dims = model.encoder.config.hidden_size
+    dims = model.embedder.bert.config.hidden_size
     source = f" on {train['size']:,} sentence pairs ({train['source']})" if train else ""
     return (f"This is a sentence embedding model{' finetuned from ' + model.hparams.pretrained if train else ''}{source}. "
             f"It maps sentences and paragraphs to a {dims}-dimensional dense vector space and can be used for "
@@ -59,7 +59,7 @@ def _summary(model, train) -> str:
 
 
 def _details(model, train) -> str:
-    h, cfg = model.hparams, model.encoder.config
+    h, cfg = model.hparams, model.embedder.bert.config
     architecture = (
         "SentenceTransformer(\n"
         f"  (0): Transformer({{'max_seq_length': {h.max_seq_length}, 'do_lower_case': False}}) with Transformer model: BertModel\n"

@@ -22,7 +22,9 @@ from lightning.pytorch.utilities import rank_zero_info
 from minilm_sts.callbacks import ExportBest, FitPlan, LastCheckpoint, SaveOnTerminate, run_folder
 from minilm_sts.datamodule import PairDataModule
 from minilm_sts.errors import UserInputError
-from minilm_sts.module import SentenceEmbedder, check_checkpoint
+from minilm_sts.export import export_with_card
+from minilm_sts.loading import check_checkpoint
+from minilm_sts.module import SentenceEmbedder
 from minilm_sts.tracking import CosineLabelPicture, SaveConfigToLoggers, TrainingSpeed, WandbRunLogger, wandb_run_line
 
 # The embedded default recipe: fine-tune on the packaged STS Benchmark (configs/stsb.yaml points here).
@@ -168,8 +170,6 @@ def export_command(args: list[str]) -> None:
     parser.add_argument("out_dir", type=Path, help="the folder to create")
     parser.add_argument("--overwrite", action="store_true", help="replace out_dir if it exists")
     options = parser.parse_args(args)
-    from minilm_sts.export import export_with_card
-
     print(f"Exported to {export_with_card(options.checkpoint, options.out_dir, options.overwrite)}")
 
 

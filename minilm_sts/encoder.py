@@ -1,6 +1,7 @@
 """BERT encoder in plain torch, with Hugging Face's parameter names so that `model.safetensors` loads strictly.
 
-Leaf to root: layouts -> embeddings -> self-attention -> feed-forward -> layer -> BertEncoder.
+Leaf to root: layouts -> embeddings -> self-attention -> feed-forward -> layer -> BertEncoder (the layer
+stack) -> BertModel (embeddings, encoder, pooler), named and nested as in Hugging Face's BertModel.
 
 A layout says how a batch of sentences sits in memory. `PaddedLayout` is the usual (B, L) right-padded
 batch, where every projection also runs on padding. `PackedLayout` keeps only the real tokens, (T, D) with
@@ -258,10 +259,17 @@ class Layer(nn.Module):
         return self.output(self.intermediate(x), x)
 
 
-class LayerStack(nn.Module):
+class BertEncoder(nn.Module):
+    """The stack of transformer layers."""
+
     def __init__(self, cfg: BertConfig):
         super().__init__()
         self.layer = nn.ModuleList(Layer(cfg) for _ in range(cfg.num_hidden_layers))
+
+    def forward(self, x: torch.Tensor, layout) -> torch.Tensor:
+        for layer in self.layer:
+            x = layer(x, layout)
+        return x
 
 
 class Pooler(nn.Module):
@@ -274,12 +282,14 @@ class Pooler(nn.Module):
         self.dense.requires_grad_(False)
 
 
-class BertEncoder(nn.Module):
+class BertModel(nn.Module):
+    """Embeddings, the layer stack and the pooler: what Hugging Face's BertModel holds, under the same names."""
+
     def __init__(self, cfg: BertConfig):
         super().__init__()
         self.config = cfg
         self.embeddings = Embeddings(cfg)
-        self.encoder = LayerStack(cfg)
+        self.encoder = BertEncoder(cfg)
         self.pooler = Pooler(cfg)
         self.apply(self._init_weights)
 
@@ -294,10 +304,7 @@ class BertEncoder(nn.Module):
     def forward(self, input_ids: torch.Tensor, layout) -> torch.Tensor:
         """Token embeddings as the layout arranges them: (B, L, D) for a PaddedLayout, (T, D) for a PackedLayout
         (in its shortest-sentence-first order)."""
-        x = self.embeddings(layout.arrange(input_ids), layout.positions)
-        for layer in self.encoder.layer:
-            x = layer(x, layout)
-        return x
+        return self.encoder(self.embeddings(layout.arrange(input_ids), layout.positions), layout)
 
     def sentence_embeddings(self, input_ids: torch.Tensor, layout) -> torch.Tensor:
         """Mean-pooled, unnormalised sentence embeddings (B, D)."""

@@ -10,6 +10,7 @@ import numpy as np
 
 from minilm_sts.atomic import write_file_atomically
 from minilm_sts.errors import UserInputError
+from minilm_sts.loading import load
 from minilm_sts.pairs import is_sentence_file, read_sentences, read_unlabelled_pairs
 from minilm_sts.sources import parse_source
 
@@ -67,7 +68,5 @@ def predict_command(args: list[str]) -> None:
     parser.add_argument("--column", help="the sentence column of a table of single sentences")
     parser.add_argument("--device", default=None, help="e.g. cuda; default: where the model loads (cpu)")
     options = parser.parse_args(args)
-    from minilm_sts.module import load
-
     model = load(options.model, map_location=options.device or "cpu")
     print(f"Wrote {predict(model, options.input, options.output, options.batch_size, options.column)}")

@@ -60,10 +60,10 @@ def reference(real_model_dir):
 
 @pytest.fixture(scope="module")
 def ours(real_model_dir):
-    """minilm_sts on the same weights, in eval mode."""
-    from minilm_sts.module import SentenceEmbedder
+    """minilm_sts's inference object on the same weights, in eval mode."""
+    from minilm_sts.embedder import SentenceEncoder
 
-    return SentenceEmbedder(pretrained=str(real_model_dir)).eval()
+    return SentenceEncoder.from_pretrained(real_model_dir, max_seq_length=128).eval()
 
 
 def write_tsv(path: Path, rows: list[list], header=("sentence_0", "sentence_1", "label")) -> Path:
@@ -90,3 +90,21 @@ def pair_files(tmp_path) -> dict[str, Path]:
         return out
 
     return {"train": write_tsv(tmp_path / "train.tsv", rows(40)), "val": write_tsv(tmp_path / "val.tsv", rows(12))}
+
+
+@pytest.fixture
+def trained_checkpoint(tiny_model_dir, pair_files, tmp_path):
+    """The tiny model trained one epoch (validating at steps 2 and 4), and its checkpoint written after fit."""
+    import lightning as L
+
+    from minilm_sts.datamodule import PairDataModule
+    from minilm_sts.module import SentenceEmbedder
+
+    L.seed_everything(0)
+    model = SentenceEmbedder(pretrained=str(tiny_model_dir))
+    data = PairDataModule(str(pair_files["train"]), str(pair_files["val"]), None, batch_size=8)
+    trainer = L.Trainer(max_epochs=1, val_check_interval=2, check_val_every_n_epoch=None, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, num_sanity_val_steps=0)
+    trainer.fit(model, data)
+    trainer.save_checkpoint(tmp_path / "run.ckpt")
+    return model, tmp_path / "run.ckpt"

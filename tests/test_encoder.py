@@ -6,23 +6,23 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from minilm_sts import encoder as encoder_module
-from minilm_sts.encoder import BertConfig, BertEncoder, PackedLayout, PaddedLayout, padded_from_packed
+from minilm_sts.encoder import BertConfig, BertModel, PackedLayout, PaddedLayout, padded_from_packed
 from minilm_sts.similarity import mean_pool
 
 
-def load_tiny(folder) -> BertEncoder:
-    encoder = BertEncoder(BertConfig.from_folder(folder))
+def load_tiny(folder) -> BertModel:
+    encoder = BertModel(BertConfig.from_folder(folder))
     encoder.load_safetensors(folder / "model.safetensors")
     return encoder.eval()
 
 
 def test_matches_transformers_bert_with_padding(tiny_model_dir):
-    from transformers import BertModel, BertTokenizer
+    import transformers
 
-    tokenizer = BertTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer = transformers.BertTokenizer.from_pretrained(tiny_model_dir)
     batch = tokenizer(["a man is playing the guitar on the street", "dogs run", "a cat"], padding=True,
                       return_tensors="pt")
-    reference = BertModel.from_pretrained(tiny_model_dir, attn_implementation="eager").eval()
+    reference = transformers.BertModel.from_pretrained(tiny_model_dir, attn_implementation="eager").eval()
     with torch.no_grad():
         expected = reference(**batch).last_hidden_state
         ours = load_tiny(tiny_model_dir)(batch["input_ids"], PaddedLayout(batch["attention_mask"]))
@@ -34,7 +34,7 @@ def test_strict_loading_names_the_bad_key(tiny_model_dir, tmp_path):
     state = load_file(str(tiny_model_dir / "model.safetensors"))
     state["encoder.layer.0.attention.self.extra.weight"] = torch.zeros(1)
     save_file(state, str(tmp_path / "extra.safetensors"))
-    encoder = BertEncoder(BertConfig.from_folder(tiny_model_dir))
+    encoder = BertModel(BertConfig.from_folder(tiny_model_dir))
     with pytest.raises(RuntimeError, match="extra.weight"):
         encoder.load_safetensors(tmp_path / "extra.safetensors")
     del state["encoder.layer.0.attention.self.extra.weight"], state["encoder.layer.1.output.dense.bias"]

@@ -1,16 +1,15 @@
 """Export: sentence-transformers and transformers load the folder and give our embeddings; the model card
-states the run's own numbers; `minilm_sts.load` takes checkpoints and folders alike."""
+states the run's own numbers."""
 
 import json
 import re
 
-import lightning as L
 import pytest
 import torch
 
 import minilm_sts
 from minilm_sts.card import render_model_card
-from minilm_sts.datamodule import PairDataModule
+from minilm_sts.embedder import SentenceEncoder
 from minilm_sts.export import export_model, export_with_card
 from minilm_sts.module import SentenceEmbedder
 from minilm_sts.pairs import read_pairs
@@ -25,7 +24,7 @@ def real_model(real_model_dir):
 
 @pytest.fixture(scope="module")
 def exported(real_model, tmp_path_factory):
-    return export_model(real_model, tmp_path_factory.mktemp("export") / "model", render_model_card(real_model))
+    return export_model(real_model.embedder, tmp_path_factory.mktemp("export") / "model", render_model_card(real_model))
 
 
 def test_layout(exported):
@@ -60,42 +59,9 @@ def test_transformers_loads_the_export(exported, real_model):
     assert (real_model.encode(SENTENCES[:8]) - pooled).abs().max() <= 1e-5
 
 
-@pytest.mark.parity
-def test_a_sentence_transformers_folder_loads_into_minilm_sts(real_model, tmp_path):
-    from sentence_transformers import SentenceTransformer
-
-    reference = SentenceTransformer(str(real_model.hparams.pretrained), device="cpu")
-    reference.max_seq_length = 128
-    reference.save(str(tmp_path / "st"))
-    loaded = minilm_sts.load(tmp_path / "st")
-    assert loaded.hparams.max_seq_length == 128
-    assert (loaded.encode(SENTENCES) - reference.encode(SENTENCES, convert_to_tensor=True)).abs().max() <= 1e-5
-
-
 def test_export_refuses_a_non_empty_folder(real_model, exported):
     with pytest.raises(FileExistsError, match="not empty"):
-        export_model(real_model, exported)
-
-
-@pytest.fixture
-def trained_checkpoint(tiny_model_dir, pair_files, tmp_path):
-    L.seed_everything(0)
-    model = SentenceEmbedder(pretrained=str(tiny_model_dir))
-    data = PairDataModule(str(pair_files["train"]), str(pair_files["val"]), None, batch_size=8)
-    trainer = L.Trainer(max_epochs=1, val_check_interval=2, check_val_every_n_epoch=None, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, num_sanity_val_steps=0)
-    trainer.fit(model, data)
-    trainer.save_checkpoint(tmp_path / "run.ckpt")
-    return model, tmp_path / "run.ckpt"
-
-
-def test_checkpoint_loads_and_encodes_like_the_trained_model(trained_checkpoint):
-    model, path = trained_checkpoint
-    loaded = minilm_sts.load(path)
-    sentences = ["a man is playing the guitar", "a dog runs", "children eat food"]
-    assert torch.allclose(loaded.encode(sentences, batch_size=2), model.encode(sentences), atol=1e-6)
-    similarity = loaded.similarity(loaded.encode(sentences[:2]), loaded.encode(sentences))
-    assert similarity.shape == (2, 3) and similarity[0, 0] == pytest.approx(1.0, abs=1e-5)
+        export_model(real_model.embedder, exported)
 
 
 def test_model_card_states_the_run(trained_checkpoint, pair_files, tmp_path):
@@ -118,3 +84,11 @@ def test_model_card_states_the_run(trained_checkpoint, pair_files, tmp_path):
     assert "`batch_size`: 8" in card.split("#### All Hyperparameters")[0]  # non-default
     assert "- PyTorch: " + torch.__version__ in card and "CosineSimilarityLoss" in card
     assert "| Metric | validation |\n" in card  # no test column: no test was run
+
+
+def test_a_model_folder_exports_with_a_base_model_card(tiny_model_dir, tmp_path):
+    card = (export_with_card(tiny_model_dir, tmp_path / "out") / "README.md").read_text()
+    sentences = ["a man is playing the guitar", "a dog runs"]
+    expected = SentenceEncoder.from_pretrained(tiny_model_dir).encode(sentences)
+    assert torch.allclose(minilm_sts.load(tmp_path / "out").encode(sentences), expected, atol=1e-6)
+    assert f"# {tiny_model_dir}\n" in card and "## Training Details" not in card

@@ -71,7 +71,7 @@ def our_loss_and_grads(model, loss, a, b, labels):
     u, v = model(batch["input_ids"], batch["lengths"]).chunk(2)
     value = loss(u, v, batch["labels"])
     value.backward()
-    return value.item(), {n: p.grad.clone() for n, p in model.encoder.named_parameters() if p.grad is not None}
+    return value.item(), {n: p.grad.clone() for n, p in model.bert.named_parameters() if p.grad is not None}
 
 
 @pytest.mark.parity
@@ -82,7 +82,7 @@ def test_loss_and_gradients_match_reference(name, reference, ours, stsb_train):
     loss, grads = our_loss_and_grads(ours, OUR_LOSSES[name], a, b, labels)
 
     assert abs(loss - expected_loss) <= 1e-5 * abs(expected_loss)
-    trained = [n for n, _ in ours.encoder.named_parameters() if not n.startswith("pooler.")]  # BERT's pooler is unused
+    trained = [n for n, _ in ours.bert.named_parameters() if not n.startswith("pooler.")]  # BERT's pooler is unused
     assert sorted(grads) == sorted(expected) == sorted(trained)
     largest = max(g.abs().max() for g in expected.values())
     for param, grad in grads.items():

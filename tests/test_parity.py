@@ -47,7 +47,7 @@ def test_packed_path_equals_padded_path(reference, ours, stsb_test_sentences):
     sentences = stsb_test_sentences[::7]
     padded = reference.tokenize(sentences)
     with torch.no_grad():
-        via_padding = ours.encoder.sentence_embeddings(padded["input_ids"], PaddedLayout(padded["attention_mask"]))
+        via_padding = ours.bert.sentence_embeddings(padded["input_ids"], PaddedLayout(padded["attention_mask"]))
         packed = ours.tokenize(sentences)
         via_packing = ours(packed["input_ids"], packed["lengths"])
     assert (via_packing - via_padding).abs().max().item() <= 1e-5

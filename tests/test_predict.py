@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import minilm_sts
+from minilm_sts.embedder import SentenceEncoder
 from minilm_sts.module import SentenceEmbedder
 from minilm_sts.pairs import PairDataError
 from minilm_sts.predict import predict
@@ -18,7 +19,7 @@ SENTENCES = ["a man is playing the guitar", "a dog runs on the road", "children 
 
 @pytest.fixture
 def model(tiny_model_dir):
-    return SentenceEmbedder(pretrained=str(tiny_model_dir)).eval()
+    return SentenceEncoder.from_pretrained(tiny_model_dir).eval()
 
 
 def test_sentence_file_gives_embeddings_npy_and_parquet(model, tmp_path):
@@ -69,11 +70,11 @@ def test_bad_prediction_inputs(model, pair_files, tmp_path):
     assert not (tmp_path / "x.npy").exists()
 
 
-def test_predict_command_from_a_checkpoint(model, tmp_path):
+def test_predict_command_from_a_checkpoint(tiny_model_dir, tmp_path):
     import lightning as L
 
     trainer = L.Trainer(logger=False)
-    trainer.strategy.connect(model)
+    trainer.strategy.connect(SentenceEmbedder(pretrained=str(tiny_model_dir)))
     trainer.save_checkpoint(tmp_path / "m.ckpt")
     (tmp_path / "s.txt").write_text("\n".join(SENTENCES))
     result = subprocess.run([sys.executable, "-m", "minilm_sts", "predict", str(tmp_path / "m.ckpt"), str(tmp_path / "s.txt"),

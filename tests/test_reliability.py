@@ -1,4 +1,4 @@
-"""Reliability: preemption, divergence, fp16 skipped steps, determinism, damaged checkpoints."""
+"""Reliability: preemption, divergence, fp16 skipped steps, determinism."""
 
 import os
 import signal
@@ -8,7 +8,6 @@ import pytest
 import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-import minilm_sts
 from minilm_sts.callbacks import SaveOnTerminate
 from minilm_sts.datamodule import PairDataModule
 from minilm_sts.module import SentenceEmbedder
@@ -44,7 +43,7 @@ def test_sigterm_saves_last_checkpoint_and_resume_matches(tiny_model_dir, pair_f
 def test_non_finite_loss_stops_with_step_batch_and_checkpoint(tiny_model_dir, pair_files, tmp_path):
     model = SentenceEmbedder(pretrained=str(tiny_model_dir))
     with torch.no_grad():
-        model.encoder.encoder.layer[0].output.dense.weight[0, 0] = float("nan")
+        model.embedder.bert.encoder.layer[0].output.dense.weight[0, 0] = float("nan")
     data = PairDataModule(str(pair_files["train"]), str(pair_files["val"]), None, batch_size=8)
     trainer = L.Trainer(max_steps=3, logger=False, default_root_dir=tmp_path, enable_progress_bar=False,
                         num_sanity_val_steps=0, enable_checkpointing=False)
@@ -83,22 +82,6 @@ def test_same_seed_same_metrics_with_or_without_workers(tiny_model_dir, pair_fil
         [r["spearman_cosine"] for r in other.run_record["log"]], abs=1e-6)
     for a, b in zip(reference.parameters(), other.parameters()):
         assert torch.allclose(a, b, atol=1e-6)
-
-
-def test_damaged_or_foreign_checkpoints_are_refused_clearly(tiny_model_dir, tmp_path):
-    model = SentenceEmbedder(pretrained=str(tiny_model_dir))
-    trainer = L.Trainer(logger=False)
-    trainer.strategy.connect(model)
-    trainer.save_checkpoint(tmp_path / "good.ckpt")
-    data = (tmp_path / "good.ckpt").read_bytes()
-    (tmp_path / "truncated.ckpt").write_bytes(data[: len(data) // 2])
-    with pytest.raises(ValueError, match="truncated.ckpt: not a readable checkpoint"):
-        minilm_sts.load(tmp_path / "truncated.ckpt")
-    torch.save({"state_dict": {}, "hyper_parameters": {"lr": 1.0}}, tmp_path / "foreign.ckpt")
-    with pytest.raises(ValueError, match="not written by minilm_sts"):
-        minilm_sts.load(tmp_path / "foreign.ckpt")
-    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
-        minilm_sts.load(tmp_path / "missing.ckpt")
 
 
 def test_text_file_quirks(tmp_path):

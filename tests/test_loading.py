@@ -1,0 +1,94 @@
+"""`minilm_sts.load`: checkpoints (today's and those of earlier versions) and model folders give a SentenceEncoder
+with the trained embeddings, offline; damaged or foreign checkpoints are refused clearly."""
+
+import json
+import shutil
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+import minilm_sts
+from minilm_sts.embedder import SentenceEncoder
+from minilm_sts.module import SentenceEmbedder
+from minilm_sts.pairs import read_pairs
+
+# Written by the code before SentenceEncoder existed (state-dict keys `encoder.*`); make.py there says how.
+PREVIOUS_LAYOUT = Path(__file__).resolve().parent / "fixtures" / "checkpoint_v0"
+SENTENCES = read_pairs("builtin:stsb/dev").sentences_a[:64]
+
+
+def save_checkpoint(model: SentenceEmbedder, path: Path) -> Path:
+    """A checkpoint of `model` as it is, without training."""
+    trainer = L.Trainer(logger=False)
+    trainer.strategy.connect(model)
+    trainer.save_checkpoint(path)
+    return path
+
+
+def test_checkpoint_loads_and_encodes_like_the_trained_model(trained_checkpoint):
+    model, path = trained_checkpoint
+    loaded = minilm_sts.load(path)
+    sentences = ["a man is playing the guitar", "a dog runs", "children eat food"]
+    assert torch.allclose(loaded.encode(sentences, batch_size=2), model.encode(sentences), atol=1e-6)
+    similarity = loaded.similarity(loaded.encode(sentences[:2]), loaded.encode(sentences))
+    assert similarity.shape == (2, 3) and similarity[0, 0] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_load_gives_the_inference_object_for_checkpoints_and_folders(trained_checkpoint, tiny_model_dir):
+    _, path = trained_checkpoint
+    for source in (path, tiny_model_dir):
+        loaded = minilm_sts.load(source)
+        assert isinstance(loaded, SentenceEncoder) and not isinstance(loaded, L.LightningModule)
+        assert not loaded.training
+
+
+def test_checkpoint_loads_without_the_pretrained_folder(tiny_model_dir, tmp_path):
+    model_dir = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    model = SentenceEmbedder(pretrained=str(model_dir))
+    path = save_checkpoint(model, tmp_path / "model.ckpt")
+    before = model.encode(["a man is playing the guitar", "a dog"])
+    shutil.rmtree(model_dir)  # nothing may be read from (or downloaded for) the original folder now
+
+    assert torch.load(path, weights_only=True)["hyper_parameters"]["encoder_config"]["hidden_size"] == 32
+    loaded = SentenceEmbedder.load_from_checkpoint(path)
+    assert torch.allclose(loaded.encode(["a man is playing the guitar", "a dog"]), before, atol=1e-6)
+    assert torch.allclose(minilm_sts.load(path).encode(["a man is playing the guitar", "a dog"]), before, atol=1e-6)
+
+
+def test_checkpoints_of_the_previous_layout_load_with_the_embeddings_they_gave():
+    """The fixture's checkpoint names a pretrained folder that no longer exists, so this also loads offline."""
+    expected = json.loads((PREVIOUS_LAYOUT / "expected.json").read_text())
+    embeddings = torch.tensor(expected["embeddings"])
+    path = PREVIOUS_LAYOUT / "last.ckpt"
+    assert "encoder.embeddings.word_embeddings.weight" in torch.load(path, weights_only=True)["state_dict"]
+    assert torch.allclose(minilm_sts.load(path).encode(expected["sentences"]), embeddings, atol=1e-6)
+    model = SentenceEmbedder.load_from_checkpoint(path)
+    assert torch.allclose(model.encode(expected["sentences"]), embeddings, atol=1e-6)
+    assert "embedder.bert.embeddings.word_embeddings.weight" in model.state_dict()
+
+
+def test_damaged_or_foreign_checkpoints_are_refused_clearly(tiny_model_dir, tmp_path):
+    good = save_checkpoint(SentenceEmbedder(pretrained=str(tiny_model_dir)), tmp_path / "good.ckpt")
+    data = good.read_bytes()
+    (tmp_path / "truncated.ckpt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated.ckpt: not a readable checkpoint"):
+        minilm_sts.load(tmp_path / "truncated.ckpt")
+    torch.save({"state_dict": {}, "hyper_parameters": {"lr": 1.0}}, tmp_path / "foreign.ckpt")
+    with pytest.raises(ValueError, match="not written by minilm_sts"):
+        minilm_sts.load(tmp_path / "foreign.ckpt")
+    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+        minilm_sts.load(tmp_path / "missing.ckpt")
+
+
+@pytest.mark.parity
+def test_a_sentence_transformers_folder_loads_into_minilm_sts(real_model_dir, tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    reference = SentenceTransformer(str(real_model_dir), device="cpu")
+    reference.max_seq_length = 128
+    reference.save(str(tmp_path / "st"))
+    loaded = minilm_sts.load(tmp_path / "st")
+    assert loaded.max_seq_length == 128
+    assert (loaded.encode(SENTENCES) - reference.encode(SENTENCES, convert_to_tensor=True)).abs().max() <= 1e-5
