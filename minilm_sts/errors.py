@@ -8,3 +8,7 @@ class UserInputError(ValueError):
 
 class MissingInputError(UserInputError, FileNotFoundError):
     """A file or folder the user named does not exist (also a FileNotFoundError, for callers that catch that)."""
+
+
+class OutputExistsError(UserInputError, FileExistsError):
+    """A folder the user asked us to write already holds something we would replace."""

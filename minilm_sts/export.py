@@ -8,6 +8,7 @@ from pathlib import Path
 from minilm_sts.atomic import staged_folder
 from minilm_sts.card import render_model_card
 from minilm_sts.embedder import SentenceEncoder
+from minilm_sts.errors import OutputExistsError
 from minilm_sts.loading import load
 from minilm_sts.module import SentenceEmbedder
 
@@ -17,7 +18,8 @@ def export_model(encoder: SentenceEncoder, out_dir: str | Path, model_card: str 
     """Write `encoder`, and `model_card` as README.md, to `out_dir`. The folder appears complete or not at all."""
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out_dir} exists and is not empty; choose another folder or pass overwrite")
+        raise OutputExistsError(f"{out_dir} exists and is not empty; choose another folder, or replace it with "
+                                "--overwrite (overwrite=True in Python)")
     with staged_folder(out_dir, replace=True) as staging:
         encoder.save(staging)
         if model_card is not None:

@@ -274,13 +274,17 @@ def test_data_seed_follows_seed_everything_unless_set():
 @pytest.mark.parametrize("command, message", [
     (["export", "{tmp}/missing.ckpt", "{tmp}/out"], "missing.ckpt: no such checkpoint file or model folder"),
     (["predict", "{tmp}/missing.ckpt", "{tmp}/in.txt", "--output", "{tmp}/out.npy"], "missing.ckpt: no such checkpoint file or model folder"),
+    (["export", "{tmp_model}", "{tmp}"], "exists and is not empty; choose another folder, or replace it with --overwrite "
+     "(overwrite=True in Python)"),
 ])
-def test_other_commands_end_a_user_error_the_same_way(tmp_path, capsys, command, message):
+def test_other_commands_end_a_user_error_the_same_way(tiny_model_dir, tmp_path, capsys, command, message):
     from minilm_sts.cli import main
 
+    (tmp_path / "kept.txt").write_text("a file export must not replace")
     with pytest.raises(SystemExit) as exit:
-        main([part.format(tmp=tmp_path) for part in command])
-    assert exit.value.code == 2 and capsys.readouterr().err.strip() == f"error: {tmp_path}/{message}"
+        main([part.format(tmp=tmp_path, tmp_model=tiny_model_dir) for part in command])
+    error = capsys.readouterr().err.strip()
+    assert exit.value.code == 2 and error.startswith(f"error: {tmp_path}") and error.endswith(message)
 
 
 def test_an_unexpected_exception_keeps_its_traceback(monkeypatch):
