@@ -2,6 +2,6 @@
 
 from minilm_sts.datamodule import PairDataModule
 from minilm_sts.module import SentenceEmbedder, load
+from minilm_sts.version import __version__
 
-__all__ = ["PairDataModule", "SentenceEmbedder", "load"]
-__version__ = "0.1.0"
+__all__ = ["PairDataModule", "SentenceEmbedder", "load", "__version__"]

@@ -33,11 +33,15 @@ def export_model(model, out_dir: str | Path, model_card: str | None = None, over
 
 def export_with_card(checkpoint: Path, out_dir: Path, overwrite: bool = False) -> Path:
     """Export a Lightning checkpoint with the model card of the run that wrote it."""
+    import torch
+
     from minilm_sts.card import render_model_card
     from minilm_sts.module import load
+    from minilm_sts.module_callbacks import read_run_record
 
     model = load(checkpoint)
-    return export_model(model, out_dir, render_model_card(model), overwrite=overwrite)
+    run = read_run_record(torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True))
+    return export_model(model, out_dir, render_model_card(model, run), overwrite=overwrite)
 
 
 def _write_folder(model, folder: Path, model_card: str | None) -> None:
@@ -89,6 +93,6 @@ def _write_json(path: Path, content) -> None:
 
 
 def _version() -> str:
-    from minilm_sts import __version__
+    from minilm_sts.version import __version__
 
     return __version__
