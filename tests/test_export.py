@@ -1,17 +1,14 @@
-"""Export: sentence-transformers and transformers load the folder and give our embeddings; the model card
-states the run's own numbers; `minilm_sts.load` takes checkpoints and folders alike."""
+"""Export: sentence-transformers and transformers load the folder and give our embeddings; `minilm_sts.load`
+takes checkpoints and folders alike. (The model card is tested in test_card.py.)"""
 
 import json
-import re
 
-import lightning as L
 import pytest
 import torch
 
 import minilm_sts
 from minilm_sts.card import render_model_card
-from minilm_sts.datamodule import PairDataModule
-from minilm_sts.export import export_model, export_with_card
+from minilm_sts.export import export_model
 from minilm_sts.module import SentenceEmbedder
 from minilm_sts.pairs import read_pairs
 
@@ -77,44 +74,10 @@ def test_export_refuses_a_non_empty_folder(real_model, exported):
         export_model(real_model, exported)
 
 
-@pytest.fixture
-def trained_checkpoint(tiny_model_dir, pair_files, tmp_path):
-    L.seed_everything(0)
-    model = SentenceEmbedder(pretrained=str(tiny_model_dir))
-    data = PairDataModule(str(pair_files["train"]), str(pair_files["val"]), None, batch_size=8)
-    trainer = L.Trainer(max_epochs=1, val_check_interval=2, check_val_every_n_epoch=None, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, num_sanity_val_steps=0)
-    trainer.fit(model, data)
-    trainer.save_checkpoint(tmp_path / "run.ckpt")
-    return model, tmp_path / "run.ckpt"
-
-
 def test_checkpoint_loads_and_encodes_like_the_trained_model(trained_checkpoint):
-    model, path = trained_checkpoint
+    model, path, _ = trained_checkpoint
     loaded = minilm_sts.load(path)
     sentences = ["a man is playing the guitar", "a dog runs", "children eat food"]
     assert torch.allclose(loaded.encode(sentences, batch_size=2), model.encode(sentences), atol=1e-6)
     similarity = loaded.similarity(loaded.encode(sentences[:2]), loaded.encode(sentences))
     assert similarity.shape == (2, 3) and similarity[0, 0] == pytest.approx(1.0, abs=1e-5)
-
-
-def test_model_card_states_the_run(trained_checkpoint, pair_files, tmp_path):
-    model, path = trained_checkpoint
-    card = (export_with_card(path, tmp_path / "out") / "README.md").read_text()
-    log = model.run_record["log"]
-    assert [row["step"] for row in log] == [2, 4]
-    for row in log:  # every validation of the run, with its own numbers
-        assert re.search(rf"\| \**{row['epoch']:.4f}\** \| \**{row['step']}\** \| \**{row['training_loss']:.4f}\** "
-                         rf"\| \**{row['pearson_cosine']:.4f}\** \| \**{row['spearman_cosine']:.4f}\**", card)
-    assert f"**spearman_cosine** | **{log[-1]['spearman_cosine']:.4f}**" in card  # the primary metric in bold
-    assert "- Size: 40 pairs" in card and "- **Maximum Sequence Length:** 128 tokens" in card
-    assert "- **Output Dimensionality:** 32 dimensions" in card and "Cosine Similarity" in card
-
-    table = read_pairs(str(pair_files["train"]))
-    lengths = [len(model.tokenizer(s)["input_ids"]) for s in table.sentences_a]
-    assert f"min: {min(lengths)} tokens<br>mean: {sum(lengths) / len(lengths):.2f} tokens<br>max: {max(lengths)} tokens" in card
-    assert f"min: {min(table.labels):.2f}<br>mean: {sum(table.labels) / 40:.2f}<br>max: {max(table.labels):.2f}" in card
-    assert f"| {table.sentences_a[0]} | {table.sentences_b[0]} | {table.labels[0]:g} |" in card
-    assert "`batch_size`: 8" in card.split("#### All Hyperparameters")[0]  # non-default
-    assert "- PyTorch: " + torch.__version__ in card and "CosineSimilarityLoss" in card
-    assert "| Metric | validation |\n" in card  # no test column: no test was run
