@@ -13,29 +13,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.model_summary import get_human_readable_count
 
-
-def run_folder(trainer: L.Trainer) -> Path:
-    """This run's own folder, where Lightning puts its checkpoints: `<save_dir>/<name>/<version>/` of the first
-    logger (runs/minilm-sts/<W&B run id>/), or `default_root_dir` when there is no logger."""
-    if not trainer.loggers:
-        return Path(trainer.default_root_dir)
-    logger = trainer.loggers[0]
-    version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
-    return Path(logger.save_dir or trainer.default_root_dir) / str(logger.name) / version
-
-
-def checkpoint_folder(trainer: L.Trainer) -> Path:
-    """Where this run's checkpoints go (the run folder when checkpointing is off)."""
-    checkpoint = trainer.checkpoint_callback
-    return Path(checkpoint.dirpath) if checkpoint and checkpoint.dirpath else run_folder(trainer)
-
-
-def save_emergency_checkpoint(trainer: L.Trainer, name: str) -> Path:
-    """Save the training state now, beside the regular checkpoints (Lightning writes it atomically: a temporary
-    file that is renamed when complete, so a kill during the save never leaves a broken file)."""
-    path = checkpoint_folder(trainer) / name
-    trainer.save_checkpoint(path)
-    return path
+from minilm_sts.compat import epoch_batches_fetched
+from minilm_sts.run_folder import save_emergency_checkpoint
 
 
 def training_length(max_steps: int, max_epochs: int, steps_per_epoch: int) -> str:
@@ -85,7 +64,7 @@ class FitPlan(L.Callback):
         loop = trainer.fit_loop
         if 0 < loop.max_steps <= trainer.global_step:
             return True
-        epoch_done = loop.epoch_loop.batch_progress.current.ready >= trainer.num_training_batches
+        epoch_done = epoch_batches_fetched(trainer) >= trainer.num_training_batches
         return epoch_done and loop.max_epochs not in (None, -1) and trainer.current_epoch + 1 >= loop.max_epochs
 
 

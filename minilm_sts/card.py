@@ -8,12 +8,18 @@ import json
 
 LOSS_NAME = "CosineSimilarityLoss"
 LOSS_PARAMETERS = {"loss_fct": "torch.nn.modules.loss.MSELoss", "cos_score_transformation": "torch.nn.modules.linear.Identity"}
-PRIMARY_METRIC = "spearman_cosine"
+DEFAULT_MONITOR = {"key": "val/spearman_cosine", "mode": "max"}
+CORRELATION_TEXT = ("Pearson and Spearman correlation of cosine similarity with the gold label (as sentence-transformers' "
+                    "EmbeddingSimilarityEvaluator)")
+BINARY_TEXT = ("on a set whose labels are all 0 or 1, cosine as a duplicate detector (as its "
+               "BinaryClassificationEvaluator): the best accuracy and the best F1 with their cosine thresholds, the "
+               "precision, recall and Matthews correlation at the F1 threshold, and average precision")
 
 
-def render_model_card(model) -> str:
-    """Markdown for a SentenceEmbedder whose `run_record` was filled by training (or is empty for a base model)."""
-    h, run = model.hparams, model.run_record
+def render_model_card(model, run: dict | None = None) -> str:
+    """Markdown for a SentenceEmbedder and the record of the run that trained it (`RunRecord`; none for a base
+    model)."""
+    h, run = model.hparams, run or {}
     train = _combined(run.get("datasets", {}).get("train"))
     sections = [
         _front_matter(h, run, train),
@@ -34,8 +40,9 @@ def _front_matter(h, run, train) -> str:
         tags.append(f"dataset_size:{train['size']}")
     lines = ["---", "tags:", *(f"- {tag}" for tag in tags), f"base_model: {h.pretrained}",
              "pipeline_tag: sentence-similarity", "library_name: sentence-transformers"]
-    if _final_metrics(run):
-        lines += ["metrics:", "- pearson_cosine", "- spearman_cosine"]
+    names = _metric_names(_final_metrics(run))
+    if names:
+        lines += ["metrics:", *(f"- {name}" for name in names)]
     return "\n".join(lines + ["---"])
 
 
@@ -91,28 +98,42 @@ def _usage() -> str:
 
 
 def _final_metrics(run) -> list[tuple[str, dict]]:
-    """(dataset, metrics) for the last validation and, if one ran, the test."""
+    """(column title, metrics) for each set of the last validation and, if one ran, of the test."""
     found = []
-    if run.get("log"):
-        found.append(("validation", run["log"][-1]))
-    if run.get("test"):
-        found.append(("test", run["test"]))
+    for stage, title in (("val", "validation"), ("test", "test")):
+        sets = run.get("evaluation", {}).get(stage, {})
+        found += [(title if len(sets) == 1 else f"{title}: {name}", metrics) for name, metrics in sets.items()]
     return found
+
+
+def _metric_names(final: list[tuple[str, dict]]) -> list[str]:
+    return list(dict.fromkeys(name for _, metrics in final for name in metrics))
+
+
+def _primary(run) -> tuple[str, str]:
+    """The metric (by its name in the log rows) and mode that checkpoint selection used, when it monitored one
+    of the monitored set's metrics (`val/<metric>`); Spearman otherwise."""
+    monitor = run.get("monitor", DEFAULT_MONITOR)
+    stage, _, metric = monitor["key"].partition("/")
+    if stage == "val" and metric and "/" not in metric and all(metric in row for row in run.get("log", [])):
+        return metric, monitor["mode"]
+    return DEFAULT_MONITOR["key"].partition("/")[2], DEFAULT_MONITOR["mode"]
 
 
 def _evaluation(run) -> str:
     final = _final_metrics(run)
     if not final:
         return ""
+    primary, _ = _primary(run)
     rows = []
-    for name in ("pearson_cosine", PRIMARY_METRIC):
-        cells = [f"{metrics[name]:.4f}" for _, metrics in final]
-        rows.append(_row([f"**{name}**" if name == PRIMARY_METRIC else name,
-                          *(f"**{c}**" if name == PRIMARY_METRIC else c for c in cells)]))
-    header = _row(["Metric", *(dataset for dataset, _ in final)]) + "\n" + _row(["---"] * (len(final) + 1))
-    return ("## Evaluation\n\n### Metrics\n\n#### Semantic Similarity\n\n"
-            "Pearson and Spearman correlation of cosine similarity with the gold label, computed over the whole "
-            "split (as sentence-transformers' EmbeddingSimilarityEvaluator).\n\n" + header + "\n" + "\n".join(rows))
+    for name in _metric_names(final):
+        cells = [f"{metrics[name]:.4f}" if name in metrics else "-" for _, metrics in final]
+        rows.append(_row([f"**{c}**" for c in [name, *cells]] if name == primary else [name, *cells]))
+    header = _row(["Metric", *(title for title, _ in final)]) + "\n" + _row(["---"] * (len(final) + 1))
+    binary = any("cosine_ap" in metrics for _, metrics in final)
+    text = f"{CORRELATION_TEXT}; {BINARY_TEXT}" if binary else CORRELATION_TEXT
+    return (f"## Evaluation\n\n### Metrics\n\nComputed over each whole evaluation set: {text}.\n\n"
+            + header + "\n" + "\n".join(rows))
 
 
 def _training(model, run, train) -> str:
@@ -125,7 +146,7 @@ def _training(model, run, train) -> str:
         parts += [f"#### {d['source']}\n\n{_dataset_block(d)}" for d in datasets]
     parts += ["### Training Hyperparameters", _hyperparameters(model, run)]
     if run.get("log"):
-        parts += ["### Training Logs", _log_table(run["log"])]
+        parts += ["### Training Logs", _log_table(run)]
     return "\n\n".join(parts)
 
 
@@ -173,15 +194,20 @@ def _plain(values) -> dict:
     return {k: v for k, v in dict(values).items() if not k.startswith("_")}
 
 
-def _log_table(log: list[dict]) -> str:
-    header = _row(["Epoch", "Step", "Training Loss", "pearson_cosine", "spearman_cosine"])
-    best = max(range(len(log)), key=lambda i: log[i][PRIMARY_METRIC])
+def _log_table(run) -> str:
+    """A row per validation: the correlations and, if checkpoints were selected on another metric, that one;
+    the best row by that metric in bold. (The evaluation section lists every metric of the last one.)"""
+    log, (primary, mode) = run["log"], _primary(run)
+    metrics = list(dict.fromkeys(["pearson_cosine", "spearman_cosine", primary]))
+    pick = max if mode == "max" else min
+    best = pick(range(len(log)), key=lambda i: log[i][primary])
     rows = []
     for i, r in enumerate(log):
         loss = f"{r['training_loss']:.4f}" if r.get("training_loss") is not None else "-"
-        cells = [f"{r['epoch']:.4f}", str(r["step"]), loss, f"{r['pearson_cosine']:.4f}", f"{r[PRIMARY_METRIC]:.4f}"]
+        cells = [f"{r['epoch']:.4f}", str(r["step"]), loss, *(f"{r[name]:.4f}" for name in metrics)]
         rows.append(_row([f"**{c}**" for c in cells] if i == best else cells))
-    return header + "\n" + _row(["---"] * 5) + "\n" + "\n".join(rows) + "\n\n* The bold row is the best validation score."
+    header = _row(["Epoch", "Step", "Training Loss", *metrics]) + "\n" + _row(["---"] * (3 + len(metrics)))
+    return header + "\n" + "\n".join(rows) + f"\n\n* The bold row is the best validation {primary}."
 
 
 def _versions(run) -> str:

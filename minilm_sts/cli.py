@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import shlex
 import sys
 import warnings
@@ -19,12 +20,13 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
-from minilm_sts.callbacks import ExportBest, FitPlan, LastCheckpoint, SaveOnTerminate, run_folder
+from minilm_sts.callbacks import ExportBest, FitPlan, LastCheckpoint, SaveOnTerminate
 from minilm_sts.datamodule import PairDataModule
 from minilm_sts.errors import UserInputError
 from minilm_sts.export import export_with_card
 from minilm_sts.loading import check_checkpoint
 from minilm_sts.module import SentenceEmbedder
+from minilm_sts.run_folder import run_folder
 from minilm_sts.tracking import CosineLabelPicture, SaveConfigToLoggers, TrainingSpeed, WandbRunLogger, wandb_run_line
 
 # The embedded default recipe: fine-tune on the packaged STS Benchmark (configs/stsb.yaml points here).
@@ -76,7 +78,7 @@ class MiniLMCLI(LightningCLI):
             "checkpoint.monitor": "val/spearman_cosine",
             "checkpoint.mode": "max",
             "checkpoint.save_last": False,  # last.ckpt has one writer, below: two would make last-v1.ckpt
-            "checkpoint.filename": "step{step}-spearman{val/spearman_cosine:.4f}",
+            "checkpoint.filename": None,  # named after the monitored metric: checkpoint_filename
             "checkpoint.auto_insert_metric_name": False,
         })
         parser.add_lightning_class_args(LastCheckpoint, "periodic_checkpoint")
@@ -91,6 +93,8 @@ class MiniLMCLI(LightningCLI):
         if config.trainer.precision is None:
             config.trainer.precision = "16-mixed" if torch.cuda.is_available() else "32-true"
         settle_training_length(config.trainer, self.command_line)
+        if config.checkpoint.filename is None and config.checkpoint.monitor:
+            config.checkpoint.filename = checkpoint_filename(config.checkpoint.monitor)
         if config.get("ckpt_path") == "last":
             config.ckpt_path = str(newest_last_checkpoint(Path(config.trainer.default_root_dir or ".")))
         elif config.get("ckpt_path") and "://" not in config.ckpt_path and config.ckpt_path not in ("best", "hpc"):
@@ -125,6 +129,18 @@ def settle_training_length(trainer, command_line: list[str]) -> None:
         trainer.max_steps = -1
     if trainer.max_epochs is None:
         trainer.max_epochs = 1 if trainer.max_steps in (None, -1) else -1
+
+
+def checkpoint_filename(monitor: str) -> str:
+    """The best checkpoints' file name pattern for a monitored key, `step<N>-<metric><value>` as in
+    step180-spearman0.8568: the key without `val/` and `cosine`, any character a file name or Lightning's
+    format field cannot take (`/` between a set and its metric, among others) turned into `-`, and `=` before
+    the value when the name ends in a digit (quora-mrr@10=0.8412). A key that a format field cannot hold
+    (`{}[]:`) leaves the value out."""
+    label = re.sub(r"[^\w.@+-]", "-", monitor.removeprefix("val/").replace("_cosine", "").replace("cosine_", ""))
+    if re.search(r"[{}\[\]:]", monitor):
+        return f"step{{step}}-{label}"
+    return f"step{{step}}-{label}{'=' if label[-1].isdigit() else ''}{{{monitor}:.4f}}"
 
 
 def newest_last_checkpoint(root: Path) -> Path:

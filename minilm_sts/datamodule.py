@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from typing import Callable, Literal, Optional, Union
 
 import lightning as L
@@ -12,7 +13,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from minilm_sts.pairs import PairDataError, ReadOptions
+from minilm_sts.compat import epoch_batches_trained, receive_set_epoch
+from minilm_sts.pairs import PairDataError, ReadOptions, read_pairs
 from minilm_sts.sources import parse_source
 from minilm_sts.tokenized import TokenizedPairs, load_tokenized
 
@@ -79,7 +81,7 @@ class PairBatches:
         self.batches_done = batches_done
         self.rank, self.world = rank, world
         self.epoch, self._skip = 0, 0
-        self.sampler = self  # Lightning calls set_epoch on `batch_sampler.sampler`
+        receive_set_epoch(self)
 
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
@@ -158,6 +160,7 @@ def named_sources(paths: Union[str, list[str], dict[str, str], None]) -> dict[st
 
 SPLITS = ("train", "val", "test")
 CARD_STATS_ROWS = 1000  # sentence-transformers <= 5.4 describe a dataset by its first 1000 rows
+CARD_SAMPLE_ROWS = 3
 
 
 def summary_stats(values: np.ndarray) -> dict:
@@ -226,11 +229,13 @@ class PairDataModule(L.LightningDataModule):
                     raise PairDataError(f"no {split} data: set --data.{split}_path")
                 self.datasets[split] = {name: self._load(split, source) for name, source in self.sources[split].items()}
 
-    def _load(self, split: str, source: str) -> PairDataset:
+    def _read_options(self) -> ReadOptions:
         h = self.hparams
-        options = ReadOptions(sentence_columns=h.sentence_columns, label_column=h.label_column,
-                              label_scale=h.label_scale, drop_invalid=h.drop_invalid)
-        pairs = load_tokenized(source, self.tokenizer, self.max_seq_length, options)
+        return ReadOptions(sentence_columns=h.sentence_columns, label_column=h.label_column, label_scale=h.label_scale,
+                           drop_invalid=h.drop_invalid)
+
+    def _load(self, split: str, source: str) -> PairDataset:
+        pairs = load_tokenized(source, self.tokenizer, self.max_seq_length, self._read_options())
         if split != "train":
             _check_correlation_defined(source, pairs)
         rank_zero_info(f"{split}: {len(pairs):,} pairs from {source}; {pairs.at_max_length} sentence(s) reached "
@@ -247,22 +252,26 @@ class PairDataModule(L.LightningDataModule):
 
     def describe(self, split: str) -> list[dict]:
         """What a model card says about each dataset of a split: size, columns, tokens per sentence (special
-        tokens included, after truncation) and label statistics over the first 1000 pairs, and the first rows."""
+        tokens included, after truncation) and label statistics over the first 1000 pairs, and the first rows.
+        Columns and rows come from reading the source again: the token cache keeps only tokens and labels."""
         return [self._describe(self.sources[split][name], dataset.pairs) for name, dataset in self.datasets[split].items()]
 
-    @staticmethod
-    def _describe(source: str, pairs: TokenizedPairs) -> dict:
+    def _describe(self, source: str, pairs: TokenizedPairs) -> dict:
+        with warnings.catch_warnings():  # rows dropped under drop_invalid were reported when the data loaded
+            warnings.simplefilter("ignore")
+            table = read_pairs(source, self._read_options())
         rows = min(len(pairs), CARD_STATS_ROWS)
         lengths = np.diff(pairs.offsets[: 2 * rows + 1])
-        column_a, column_b, label = pairs.columns
+        column_a, column_b, label = table.columns
+        samples = zip(table.sentences_a[:CARD_SAMPLE_ROWS], table.sentences_b[:CARD_SAMPLE_ROWS], table.labels)
         return {
             "source": source,
             "size": len(pairs),
             "stats_rows": rows,
-            "columns": list(pairs.columns),
+            "columns": list(table.columns),
             "tokens": {column_a: summary_stats(lengths[0::2]), column_b: summary_stats(lengths[1::2])},
             "label": {label: summary_stats(pairs.labels[:rows])},
-            "samples": [list(row) for row in pairs.samples],
+            "samples": [list(row) for row in samples],
             "at_max_length": pairs.at_max_length,
             "dropped": pairs.dropped,
         }
@@ -292,7 +301,8 @@ class PairDataModule(L.LightningDataModule):
 
     def _eval_sampler(self, dataset: PairDataset) -> Optional[DistributedSampler]:
         """Under distributed training each process scores a shard. DistributedSampler pads the shards with
-        repeated pairs; every batch carries its pair indices, so the module drops those repeats after gathering."""
+        repeated pairs; every batch carries its pair indices, so the evaluation (PairScores) drops those repeats
+        after gathering."""
         trainer = self.trainer
         if trainer is None or trainer.world_size == 1:
             return None
@@ -312,7 +322,7 @@ class PairDataModule(L.LightningDataModule):
         self._batches_state = state.get("train_batches")
 
     def _batches_trained(self) -> int:
-        return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return epoch_batches_trained(self.trainer)
 
 
 def _check_correlation_defined(source: str, pairs: TokenizedPairs) -> None:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
+from minilm_sts.compat import onednn_linear
 from minilm_sts.similarity import mean_pool
 
 # Keys that Hugging Face checkpoints may carry but that hold no learned state:
@@ -178,7 +179,7 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (ONEDNN_LINEAR and not torch.is_grad_enabled() and not torch.compiler.is_compiling() and x.is_cpu
                 and x.dtype == self.weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")):
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+            return onednn_linear(x, self.weight, self.bias)
         return super().forward(x)
 
 

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from minilm_sts.atomic import staged_folder
 from minilm_sts.card import render_model_card
 from minilm_sts.embedder import SentenceEncoder
 from minilm_sts.errors import OutputExistsError
 from minilm_sts.loading import load
 from minilm_sts.module import SentenceEmbedder
+from minilm_sts.module_callbacks import read_run_record
 
 
 def export_model(encoder: SentenceEncoder, out_dir: str | Path, model_card: str | None = None,
@@ -29,7 +32,10 @@ def export_model(encoder: SentenceEncoder, out_dir: str | Path, model_card: str 
 
 def export_with_card(source: Path, out_dir: Path, overwrite: bool = False) -> Path:
     """Export a checkpoint written by fit with the model card of its run; a model folder gets a base model's card."""
-    encoder = load(source)
-    model = (SentenceEmbedder.load_from_checkpoint(source, map_location="cpu") if Path(source).is_file()
-             else SentenceEmbedder(pretrained=str(source), max_seq_length=encoder.max_seq_length))
-    return export_model(encoder, out_dir, render_model_card(model), overwrite=overwrite)
+    encoder = load(source)  # checks the path and the checkpoint, with the messages users see
+    if Path(source).is_file():
+        model = SentenceEmbedder.load_from_checkpoint(source, map_location="cpu")
+        run = read_run_record(torch.load(source, map_location="cpu", weights_only=True, mmap=True))
+    else:
+        model, run = SentenceEmbedder(pretrained=str(source), max_seq_length=encoder.max_seq_length), None
+    return export_model(encoder, out_dir, render_model_card(model, run), overwrite=overwrite)

@@ -1,4 +1,5 @@
-"""Tokenize a pair source once and keep the token ids on disk as flat numpy arrays.
+"""Tokenize a pair source once and keep its token ids and labels on disk as flat numpy arrays, with two counts
+(sentences that reached the max length, invalid rows dropped) and nothing else.
 
 The cache key covers everything that decides the ids: the source's fingerprint (a file's bytes and the
 format its name selects, or a Hub dataset's revision), the reading options, the tokenizer and the max length.
@@ -23,11 +24,10 @@ from minilm_sts.atomic import staged_folder
 from minilm_sts.pairs import ReadOptions, read_pairs
 from minilm_sts.sources import Source, parse_source
 
-CACHE_FORMAT = 4
+CACHE_FORMAT = 5  # 5: no sample rows or column names (a model card reads those from the source)
 TOKENIZE_CHUNK = 8192
 ARRAYS = ("ids", "offsets", "labels")
-META = ("at_max_length", "columns", "samples", "dropped")
-SAMPLE_ROWS = 3
+META = ("at_max_length", "dropped")
 
 
 def cache_root() -> Path:
@@ -41,9 +41,7 @@ class TokenizedPairs:
     ids: np.ndarray
     offsets: np.ndarray
     labels: np.ndarray
-    at_max_length: int = 0
-    columns: tuple = ("sentence_0", "sentence_1", "label")
-    samples: tuple = ()  # the first rows as (sentence A, sentence B, label), for model cards
+    at_max_length: int = 0  # sentences that reached the max length (and so were most likely truncated)
     dropped: int = 0  # invalid rows left out under drop_invalid
 
     def __len__(self) -> int:
@@ -83,9 +81,7 @@ def load_tokenized(source: str | Source, tokenizer, max_length: int, options: Re
     table = read_pairs(source, options)
     interleaved = [text for pair in zip(table.sentences_a, table.sentences_b) for text in pair]
     ids, offsets, at_limit = tokenize_texts(tokenizer, interleaved, max_length)
-    samples = tuple(zip(table.sentences_a[:SAMPLE_ROWS], table.sentences_b[:SAMPLE_ROWS], table.labels[:SAMPLE_ROWS]))
-    pairs = TokenizedPairs(ids, offsets, np.asarray(table.labels, dtype=np.float32), at_limit, table.columns, samples,
-                           table.dropped)
+    pairs = TokenizedPairs(ids, offsets, np.asarray(table.labels, dtype=np.float32), at_limit, table.dropped)
     _write_entry(entry, pairs)
     return pairs
 
@@ -112,7 +108,7 @@ def _read_entry(entry: Path) -> TokenizedPairs | None:
     try:
         meta = json.loads((entry / "meta.json").read_text())
         arrays = {name: np.load(entry / f"{name}.npy", mmap_mode="r") for name in ARRAYS}
-        pairs = TokenizedPairs(**arrays, **{key: _tuples(meta[key]) for key in META})
+        pairs = TokenizedPairs(**arrays, **{key: meta[key] for key in META})
         consistent = (len(pairs.offsets) == 2 * len(pairs) + 1 and pairs.offsets[-1] == len(pairs.ids)
                       and meta["pairs"] == len(pairs))
     except (OSError, ValueError, KeyError):
@@ -121,11 +117,6 @@ def _read_entry(entry: Path) -> TokenizedPairs | None:
         shutil.rmtree(entry, ignore_errors=True)
         return None
     return pairs
-
-
-def _tuples(value):
-    """JSON turns tuples into lists; turn them back so cached and fresh entries compare equal."""
-    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
 
 
 def _write_entry(entry: Path, pairs: TokenizedPairs) -> None:

@@ -14,8 +14,9 @@ from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
-from minilm_sts.callbacks import checkpoint_folder, run_folder
+from minilm_sts.module_callbacks import SplitEvaluation
 from minilm_sts.plots import save_cosine_label_picture
+from minilm_sts.run_folder import checkpoint_folder, run_folder
 
 WANDB_HOST = "api.wandb.ai"
 
@@ -94,18 +95,18 @@ class TrainingSpeed(L.Callback):
 
 
 class CosineLabelPicture(L.Callback):
-    """At each validation, a picture of cosine against label: saved as PNG next to the checkpoints and logged
-    to W&B as `val/cosine_vs_label`."""
+    """At each validation, a picture of cosine against label for the monitored set: saved as PNG next to the
+    checkpoints and logged to W&B as `val/cosine_vs_label`. It is drawn once the validation's metrics are
+    final (`on_validation_end`), so it shows this validation's scores and Spearman."""
 
     @rank_zero_only
-    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or "val" not in pl_module.last_scores:
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        sets = SplitEvaluation.of(trainer).latest.get("val")
+        if trainer.sanity_checking or not sets:
             return
-        cosine, labels = (t.numpy() for t in pl_module.last_scores["val"])
-        spearman = trainer.callback_metrics.get("val/spearman_cosine")
-        title = f"validation: cosine vs label at step {trainer.global_step}"
-        if spearman is not None:
-            title += f", spearman {float(spearman):.4f}"
+        scored = next(iter(sets.values()))
+        cosine, labels = scored.cosine.numpy(), scored.labels.numpy()
+        title = f"validation: cosine vs label at step {trainer.global_step}, spearman {scored.metrics['spearman_cosine']:.4f}"
         name = f"cosine_vs_label_step{trainer.global_step}.png"
         path = save_cosine_label_picture(cosine, labels, title, checkpoint_folder(trainer) / name)
         for logger in trainer.loggers:

@@ -275,7 +275,7 @@ def main() -> None:
 def versions(device: str) -> dict[str, str]:
     import sentence_transformers
 
-    from minilm_sts.module import framework_versions
+    from minilm_sts.module_callbacks import framework_versions
 
     found = {**framework_versions(), "sentence-transformers": sentence_transformers.__version__,
              "cpu": platform.processor() or platform.machine()}

@@ -6,12 +6,12 @@ Data the tests read lives inside the repository (tests/fixtures/, the packaged S
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import pytest
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
+from helpers import write_tsv
+
 WORDS = ("a the is are man woman men women dog dogs cat cats play plays playing on in of and with to "
          "guitar piano car road street ball child children run running eat eating food water").split()
 
@@ -66,14 +66,6 @@ def ours(real_model_dir):
     return SentenceEncoder.from_pretrained(real_model_dir, max_seq_length=128).eval()
 
 
-def write_tsv(path: Path, rows: list[list], header=("sentence_0", "sentence_1", "label")) -> Path:
-    with open(path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle, delimiter="\t")
-        writer.writerow(header)
-        writer.writerows(rows)
-    return path
-
-
 @pytest.fixture
 def pair_files(tmp_path) -> dict[str, Path]:
     """Small train/val files with graded labels, made of words the tiny tokenizer knows."""
@@ -94,11 +86,13 @@ def pair_files(tmp_path) -> dict[str, Path]:
 
 @pytest.fixture
 def trained_checkpoint(tiny_model_dir, pair_files, tmp_path):
-    """The tiny model trained one epoch (validating at steps 2 and 4), and its checkpoint written after fit."""
+    """A tiny model trained one epoch (5 steps) validating every 2 steps, and its checkpoint: (model, path,
+    the run's RunRecord)."""
     import lightning as L
 
     from minilm_sts.datamodule import PairDataModule
     from minilm_sts.module import SentenceEmbedder
+    from minilm_sts.module_callbacks import RunRecord
 
     L.seed_everything(0)
     model = SentenceEmbedder(pretrained=str(tiny_model_dir))
@@ -107,4 +101,4 @@ def trained_checkpoint(tiny_model_dir, pair_files, tmp_path):
                         enable_checkpointing=False, enable_progress_bar=False, num_sanity_val_steps=0)
     trainer.fit(model, data)
     trainer.save_checkpoint(tmp_path / "run.ckpt")
-    return model, tmp_path / "run.ckpt"
+    return model, tmp_path / "run.ckpt", RunRecord.of(trainer)

@@ -11,16 +11,8 @@ import yaml
 
 from minilm_sts.errors import UserInputError
 
+from helpers import ROOT, cli
 from wandb_records import run_content
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def cli(*args: str, cwd: Path = ROOT, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "minilm_sts", *args], cwd=cwd, capture_output=True, text=True)
-    if check and result.returncode != 0:
-        raise AssertionError(result.stderr[-3000:])
-    return result
 
 
 def resolved(*args: str) -> dict:
@@ -213,15 +205,6 @@ def test_a_command_line_bound_replaces_the_recipes_other_bound():
     assert settle(40, 3) == (40, 3)  # both in one recipe: first reached
 
 
-def test_the_start_up_line_names_the_bound_that_ends_the_run():
-    from minilm_sts.callbacks import training_length
-
-    assert training_length(40, -1, 7) == "Training stops after 40 steps (max_steps; an epoch is 7 steps)"
-    assert training_length(-1, 2, 7) == "Training stops after 2 epochs, 14 steps (max_epochs; an epoch is 7 steps)"
-    assert training_length(40, 1, 7).startswith("Training stops after 7 steps: max_epochs=1 comes before max_steps=40")
-    assert training_length(10, 3, 7).startswith("Training stops after 10 steps: max_steps=10 comes before max_epochs=3")
-
-
 @pytest.mark.parametrize("option, value, message", [
     ("--data.batch_size", "0", "error: batch_size must be at least 1 pair, got 0"),
     ("--data.train_path", "{tmp}/missing.tsv", "missing.tsv"),
@@ -296,3 +279,20 @@ def test_an_unexpected_exception_keeps_its_traceback(monkeypatch):
     monkeypatch.setattr(cli, "run_command", broken)
     with pytest.raises(RuntimeError, match="a bug"):
         cli.main(["fit"])
+
+
+@pytest.mark.parametrize("monitor, expected", [
+    ("val/spearman_cosine", "step7-spearman0.8412.ckpt"),
+    ("val/cosine_ap", "step7-ap0.8412.ckpt"),
+    ("val/quora/cosine_ap", "step7-quora-ap0.8412.ckpt"),  # a set's metric: one file, not a folder
+    ("val/quora/cosine_mrr@10", "step7-quora-mrr@10=0.8412.ckpt"),
+    ("val/my set/cosine_f1", "step7-my-set-f1=0.8412.ckpt"),
+    ("val/a:b/cosine_f1", "step7-a-b-f1.ckpt"),  # a name Python's format cannot hold: no value in the name
+])
+def test_best_checkpoint_names_follow_the_monitored_metric(monitor, expected):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from minilm_sts.cli import checkpoint_filename
+
+    checkpoint = ModelCheckpoint(filename=checkpoint_filename(monitor), auto_insert_metric_name=False)
+    assert checkpoint.format_checkpoint_name({"step": torch.tensor(7), monitor: torch.tensor(0.84123)}) == expected

@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minilm_sts.evaluation import (DuplicateRetrieval, binary_classification, pair_metrics, retrieval_metrics,
-                                   top_k_search)
+from minilm_sts.evaluation import (DuplicateRetrieval, PairScores, binary_classification, pair_metrics,
+                                   retrieval_metrics, top_k_search)
 
 TOLERANCE = 1e-6
 CORRELATION_KEYS = {"pearson_cosine", "spearman_cosine"}
@@ -72,6 +72,21 @@ def test_binary_metrics_refuse_a_set_with_one_class():
 def test_pair_metrics_refuse_malformed_scores(cosine, labels, message):
     with pytest.raises(ValueError, match=message):
         pair_metrics(cosine, labels)
+
+
+def test_pair_scores_accumulate_a_whole_set_each_pair_once_in_pair_order():
+    """Batches arrive out of order, and pair 2 twice (as a distributed sampler pads a shard): compute gives
+    each pair once, in pair order, with the metrics of the whole set; reset empties it for the next pass."""
+    scores = PairScores()
+    scores.update(torch.tensor([0.4, 0.9]), torch.tensor([0.0, 1.0]), torch.tensor([3, 2]))
+    scores.update(torch.tensor([0.8, 0.1, 0.9]), torch.tensor([1.0, 0.0, 1.0]), torch.tensor([0, 1, 2]))
+    scored = scores.compute()
+    assert scored.cosine.tolist() == pytest.approx([0.8, 0.1, 0.9, 0.4]) and scored.labels.tolist() == [1, 0, 1, 0]
+    assert scored.metrics == pair_metrics(scored.cosine, scored.labels)
+    assert CORRELATION_KEYS | BINARY_KEYS == set(scored.metrics)
+    scores.reset()
+    scores.update(torch.tensor([0.3, 0.2]), torch.tensor([0.5, 0.25]), torch.tensor([0, 1]))
+    assert set(scores.compute().metrics) == CORRELATION_KEYS  # the earlier pass is gone, and so are its 0/1 labels
 
 
 # --- duplicate retrieval by hand ------------------------------------------------------------------------------

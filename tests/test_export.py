@@ -1,8 +1,7 @@
-"""Export: sentence-transformers and transformers load the folder and give our embeddings; the model card
-states the run's own numbers."""
+"""Export: sentence-transformers and transformers load the folder and give our embeddings; a model folder
+exports with a base model's card. (The run's model card is tested in test_card.py, loading in test_loading.py.)"""
 
 import json
-import re
 
 import pytest
 import torch
@@ -62,28 +61,6 @@ def test_transformers_loads_the_export(exported, real_model):
 def test_export_refuses_a_non_empty_folder(real_model, exported):
     with pytest.raises(FileExistsError, match="not empty"):
         export_model(real_model.embedder, exported)
-
-
-def test_model_card_states_the_run(trained_checkpoint, pair_files, tmp_path):
-    model, path = trained_checkpoint
-    card = (export_with_card(path, tmp_path / "out") / "README.md").read_text()
-    log = model.run_record["log"]
-    assert [row["step"] for row in log] == [2, 4]
-    for row in log:  # every validation of the run, with its own numbers
-        assert re.search(rf"\| \**{row['epoch']:.4f}\** \| \**{row['step']}\** \| \**{row['training_loss']:.4f}\** "
-                         rf"\| \**{row['pearson_cosine']:.4f}\** \| \**{row['spearman_cosine']:.4f}\**", card)
-    assert f"**spearman_cosine** | **{log[-1]['spearman_cosine']:.4f}**" in card  # the primary metric in bold
-    assert "- Size: 40 pairs" in card and "- **Maximum Sequence Length:** 128 tokens" in card
-    assert "- **Output Dimensionality:** 32 dimensions" in card and "Cosine Similarity" in card
-
-    table = read_pairs(str(pair_files["train"]))
-    lengths = [len(model.tokenizer(s)["input_ids"]) for s in table.sentences_a]
-    assert f"min: {min(lengths)} tokens<br>mean: {sum(lengths) / len(lengths):.2f} tokens<br>max: {max(lengths)} tokens" in card
-    assert f"min: {min(table.labels):.2f}<br>mean: {sum(table.labels) / 40:.2f}<br>max: {max(table.labels):.2f}" in card
-    assert f"| {table.sentences_a[0]} | {table.sentences_b[0]} | {table.labels[0]:g} |" in card
-    assert "`batch_size`: 8" in card.split("#### All Hyperparameters")[0]  # non-default
-    assert "- PyTorch: " + torch.__version__ in card and "CosineSimilarityLoss" in card
-    assert "| Metric | validation |\n" in card  # no test column: no test was run
 
 
 def test_a_model_folder_exports_with_a_base_model_card(tiny_model_dir, tmp_path):

@@ -28,7 +28,7 @@ def save_checkpoint(model: SentenceEmbedder, path: Path) -> Path:
 
 
 def test_checkpoint_loads_and_encodes_like_the_trained_model(trained_checkpoint):
-    model, path = trained_checkpoint
+    model, path, _ = trained_checkpoint
     loaded = minilm_sts.load(path)
     sentences = ["a man is playing the guitar", "a dog runs", "children eat food"]
     assert torch.allclose(loaded.encode(sentences, batch_size=2), model.encode(sentences), atol=1e-6)
@@ -37,7 +37,7 @@ def test_checkpoint_loads_and_encodes_like_the_trained_model(trained_checkpoint)
 
 
 def test_load_gives_the_inference_object_for_checkpoints_and_folders(trained_checkpoint, tiny_model_dir):
-    _, path = trained_checkpoint
+    _, path, _ = trained_checkpoint
     for source in (path, tiny_model_dir):
         loaded = minilm_sts.load(source)
         assert isinstance(loaded, SentenceEncoder) and not isinstance(loaded, L.LightningModule)

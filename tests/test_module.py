@@ -1,4 +1,4 @@
-"""SentenceEmbedder: schedule, parameter groups, clipping under fp16."""
+"""SentenceEmbedder: schedule, parameter groups, clipping and skipped steps under fp16, determinism."""
 
 import lightning as L
 import pytest
@@ -6,6 +6,7 @@ import torch
 
 from minilm_sts.datamodule import PairDataModule
 from minilm_sts.module import SentenceEmbedder, lr_multiplier
+from minilm_sts.module_callbacks import RunRecord, SkippedStepCounter
 
 
 @pytest.mark.parametrize("warmup, total", [(0, 50), (10, 50), (7, 7)])
@@ -67,3 +68,37 @@ def test_clipping_works_with_fused_adamw_under_fp16_loss_scaling(tiny_model_dir,
     assert fp16_norm == pytest.approx(fp32_norm, rel=0.05)  # a still-scaled norm would be 65536 times larger
     for p16, p32 in zip(fp16_model.parameters(), fp32_model.parameters()):
         assert torch.allclose(p16, p32, atol=1e-3)
+
+
+def test_fp16_skipped_steps_are_counted(tiny_model_dir, pair_files, tmp_path):
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    model = SentenceEmbedder(pretrained=str(tiny_model_dir))
+    data = PairDataModule(str(pair_files["train"]), str(pair_files["val"]), None, batch_size=8)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40)  # overflows fp16 gradients at first
+    trainer = L.Trainer(max_steps=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        num_sanity_val_steps=0, limit_val_batches=0, plugins=[MixedPrecision("16-mixed", "cpu", scaler)])
+    trainer.fit(model, data)
+    skipped = SkippedStepCounter.of(trainer).skipped
+    assert skipped >= 1
+    assert trainer.callback_metrics["train/skipped_steps"] == skipped
+    assert scaler.get_scale() < 2.0**40
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_same_seed_same_metrics_with_or_without_workers(tiny_model_dir, pair_files, tmp_path, workers):
+    def fit(num_workers):
+        L.seed_everything(42)
+        model = SentenceEmbedder(pretrained=str(tiny_model_dir), lr=1e-3)
+        data = PairDataModule(str(pair_files["train"]), str(pair_files["val"]), None, batch_size=8, num_workers=num_workers)
+        trainer = L.Trainer(max_epochs=2, val_check_interval=5, check_val_every_n_epoch=None, logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False, num_sanity_val_steps=0)
+        trainer.fit(model, data)
+        return model, RunRecord.of(trainer).record
+
+    (reference, reference_record), (other, other_record) = fit(0), fit(workers)
+    assert [r["spearman_cosine"] for r in reference_record["log"]] == pytest.approx(
+        [r["spearman_cosine"] for r in other_record["log"]], abs=1e-6)
+    for a, b in zip(reference.parameters(), other.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+

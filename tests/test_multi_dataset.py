@@ -5,6 +5,7 @@ import pytest
 
 from minilm_sts.datamodule import PairDataModule, source_name
 from minilm_sts.module import SentenceEmbedder
+from minilm_sts.module_callbacks import RunRecord
 from minilm_sts.pairs import PairDataError
 
 
@@ -33,5 +34,5 @@ def test_two_train_and_two_validation_sets(tiny_model_dir, pair_files, tmp_path)
         assert f"val/{name}/spearman_cosine" in metrics and f"val/{name}/pearson_cosine" in metrics
     assert metrics["val/spearman_cosine"] == metrics["val/second/spearman_cosine"]  # the monitored set
     assert metrics["val/spearman_cosine"] != metrics["val/first/spearman_cosine"]
-    sources = [d["source"] for d in model.run_record["datasets"]["train"]]
+    sources = [d["source"] for d in RunRecord.of(trainer).record["datasets"]["train"]]
     assert sources == [str(pair_files["train"]), str(pair_files["val"])]

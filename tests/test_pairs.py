@@ -8,7 +8,7 @@ import pytest
 from minilm_sts.pairs import PairDataError, read_pairs, read_sentences
 from minilm_sts.sources import FileSource, HfSource, builtin_path, parse_source
 
-from conftest import FIXTURES, write_tsv
+from helpers import FIXTURES, write_tsv
 
 GOOD = [["a man plays", "a man is playing", 0.9], ["a dog", "a cat", 0.2]]
 
@@ -200,3 +200,24 @@ def test_bytes_that_are_not_utf8_name_their_line(tmp_path):
         with pytest.raises(PairDataError, match=rf"{name}, line {line}: not valid UTF-8 \(byte {byte} at byte {position} "
                                                 r"of the line.*\); re-save the file as UTF-8"):
             read(str(tmp_path / name))
+
+
+def test_text_file_quirks(tmp_path):
+    (tmp_path / "bom_crlf.tsv").write_bytes("\ufeffsentence_0\tsentence_1\tlabel\r\na dog\ta cat\t0.5\r\nb\tc\t1\r\n".encode())
+    table = read_pairs(str(tmp_path / "bom_crlf.tsv"))  # a BOM and CRLF line endings read cleanly
+    assert table.sentences_a == ["a dog", "b"] and table.labels == [0.5, 1.0]
+    (tmp_path / "quote.tsv").write_text('sentence_0\tsentence_1\tlabel\n"a dog\ta cat\t0.5\nb\tc\t1\n')
+    with pytest.raises(PairDataError, match="quote.tsv"):  # an unclosed quote swallows the rest of the file
+        read_pairs(str(tmp_path / "quote.tsv"))
+
+
+def test_parquet_with_wrong_types(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"sentence_0": [1, 2], "sentence_1": ["a", "b"], "label": [0.5, 0.1]}), tmp_path / "p.parquet")
+    with pytest.raises(PairDataError, match=r"row 1, column 'sentence_0': expected a non-empty sentence, got 1"):
+        read_pairs(str(tmp_path / "p.parquet"))
+    pq.write_table(pa.table({"sentence_0": ["a"], "sentence_1": ["b"], "label": [None]}), tmp_path / "n.parquet")
+    with pytest.raises(PairDataError, match="row 1, column 'label': expected a finite number, got None"):
+        read_pairs(str(tmp_path / "n.parquet"))

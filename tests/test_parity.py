@@ -1,16 +1,14 @@
 """Parity with the reference: sentence-transformers on the real all-MiniLM-L6-v2 weights (fp32, CPU, eval mode).
 
-Tolerances: embeddings 1e-5 max abs; correlations 1e-5 against scipy. The losses' parity is in test_losses.py.
+Tolerance: embeddings 1e-5 max abs. The losses' parity is in test_losses.py, the evaluators' in test_evaluation.py,
+the correlations' against scipy in test_similarity.py.
 """
 
-import numpy as np
 import pytest
-import scipy.stats
 import torch
 
 from minilm_sts.encoder import PaddedLayout
 from minilm_sts.pairs import read_pairs
-from minilm_sts.similarity import correlations
 
 
 @pytest.fixture(scope="module")
@@ -51,15 +49,3 @@ def test_packed_path_equals_padded_path(reference, ours, stsb_test_sentences):
         packed = ours.tokenize(sentences)
         via_packing = ours(packed["input_ids"], packed["lengths"])
     assert (via_packing - via_padding).abs().max().item() <= 1e-5
-
-
-@pytest.mark.parametrize("kind", ["continuous", "binary-ties", "ties-in-scores"])
-def test_correlations_match_scipy(kind):
-    rng = np.random.default_rng(0)
-    labels = rng.random(1000) if kind == "continuous" else rng.integers(0, 2, 1000).astype(float)
-    scores = 0.5 * labels + rng.normal(0, 0.3, 1000)
-    if kind == "ties-in-scores":
-        scores = np.round(scores, 1)
-    got = correlations(torch.tensor(scores), torch.tensor(labels))
-    assert got["pearson_cosine"] == pytest.approx(scipy.stats.pearsonr(labels, scores)[0], abs=1e-5)
-    assert got["spearman_cosine"] == pytest.approx(scipy.stats.spearmanr(labels, scores)[0], abs=1e-5)

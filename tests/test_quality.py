@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from test_cli import cli
+from helpers import cli
 
 pytestmark = pytest.mark.slow
 

@@ -5,13 +5,16 @@ import signal
 import subprocess
 import sys
 
+from pathlib import Path
+
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 
-from minilm_sts.datamodule import PairBatches, PairDataModule
-from minilm_sts.module import RUN_CHECKPOINT_KEY, SentenceEmbedder
+from minilm_sts.datamodule import PairBatches
+from minilm_sts.module_callbacks import LEGACY_RECORD_KEY, RunRecord, read_run_record
+
+from helpers import rewrite_in_the_previous_format, run
 
 
 class Crash(Exception):
@@ -30,17 +33,6 @@ class CrashAtStep(L.Callback):
             raise Crash
 
 
-def run(model_dir, pair_files, root, ckpt_path=None, callbacks=(), checkpoint_every=1):
-    L.seed_everything(42)
-    model = SentenceEmbedder(pretrained=str(model_dir), lr=1e-3)
-    data = PairDataModule(str(pair_files["train"]), str(pair_files["val"]), None, batch_size=8)
-    checkpoint = ModelCheckpoint(dirpath=root, save_top_k=0, save_last=True, every_n_train_steps=checkpoint_every)
-    trainer = L.Trainer(max_epochs=2, val_check_interval=3, check_val_every_n_epoch=None, logger=False,
-                        callbacks=[*callbacks, checkpoint], enable_progress_bar=False, num_sanity_val_steps=0)
-    trainer.fit(model, data, ckpt_path=ckpt_path)
-    return model, trainer
-
-
 def test_resume_mid_epoch_equals_uninterrupted(tiny_model_dir, pair_files, tmp_path):
     full, full_trainer = run(tiny_model_dir, pair_files, tmp_path / "full")
     assert full_trainer.global_step == 10  # 40 pairs, batch 8, 2 epochs
@@ -49,14 +41,32 @@ def test_resume_mid_epoch_equals_uninterrupted(tiny_model_dir, pair_files, tmp_p
         run(tiny_model_dir, pair_files, tmp_path / "part", callbacks=[CrashAtStep(8)])
     assert torch.load(tmp_path / "part" / "last.ckpt", weights_only=True)["global_step"] == 7
     resumed, resumed_trainer = run(tiny_model_dir, pair_files, tmp_path / "part", ckpt_path=tmp_path / "part" / "last.ckpt")
-    assert resumed_trainer.global_step == 10
+    assert_same_run(full, full_trainer, resumed, resumed_trainer)
 
+
+def assert_same_run(full, full_trainer, resumed, resumed_trainer) -> None:
+    assert resumed_trainer.global_step == 10
     for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-6), name
-    assert [r["step"] for r in resumed.run_record["log"]] == [r["step"] for r in full.run_record["log"]] == [3, 6, 9]
-    for a, b in zip(full.run_record["log"], resumed.run_record["log"]):
+    full_log, resumed_log = RunRecord.of(full_trainer).record["log"], RunRecord.of(resumed_trainer).record["log"]
+    assert [r["step"] for r in resumed_log] == [r["step"] for r in full_log] == [3, 6, 9]
+    for a, b in zip(full_log, resumed_log):
         assert abs(a["spearman_cosine"] - b["spearman_cosine"]) <= 1e-6
         assert abs(a["training_loss"] - b["training_loss"]) <= 1e-6
+
+
+def test_a_checkpoint_of_the_previous_format_resumes_to_the_uninterrupted_result(tiny_model_dir, pair_files, tmp_path):
+    full, full_trainer = run(tiny_model_dir, pair_files, tmp_path / "full")
+    with pytest.raises(Crash):
+        run(tiny_model_dir, pair_files, tmp_path / "part", callbacks=[CrashAtStep(8)])
+    last = tmp_path / "part" / "last.ckpt"
+    rewrite_in_the_previous_format(last)
+    previous = torch.load(last, weights_only=True)
+    assert not any("RunRecord" in key or "RandomStream" in key for key in previous["callbacks"])
+    assert read_run_record(previous)["evaluation"] == {"val": {"val": {
+        name: value for name, value in previous[LEGACY_RECORD_KEY]["log"][-1].items() if name.endswith("_cosine")}}}
+    resumed, resumed_trainer = run(tiny_model_dir, pair_files, tmp_path / "part", ckpt_path=last)
+    assert_same_run(full, full_trainer, resumed, resumed_trainer)
 
 
 def test_batch_order_depends_on_seed_and_epoch_and_skips_on_resume():
@@ -124,7 +134,7 @@ def test_cli_killed_after_its_first_validation_resumes_from_last_to_the_uninterr
 
     last = tmp_path / "part" / "runs" / "checkpoints" / "last.ckpt"
     saved = torch.load(last, weights_only=True)
-    assert saved["global_step"] == 2 and [row["step"] for row in saved[RUN_CHECKPOINT_KEY]["log"]] == [2]
+    assert saved["global_step"] == 2 and [row["step"] for row in read_run_record(saved)["log"]] == [2]
     resumed = subprocess.run([sys.executable, "-m", "minilm_sts", *args, "--ckpt_path", "last"], cwd=tmp_path / "part",
                              capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -132,10 +142,42 @@ def test_cli_killed_after_its_first_validation_resumes_from_last_to_the_uninterr
     expected = torch.load(tmp_path / "full" / "runs" / "checkpoints" / "last.ckpt", weights_only=True)
     got = torch.load(last, weights_only=True)
     assert got["global_step"] == expected["global_step"] == 10
-    expected_log, got_log = expected[RUN_CHECKPOINT_KEY]["log"], got[RUN_CHECKPOINT_KEY]["log"]
+    expected_log, got_log = read_run_record(expected)["log"], read_run_record(got)["log"]
     assert [row["step"] for row in got_log] == [row["step"] for row in expected_log] == [2, 4, 6, 8, 10]
     for a, b in zip(expected_log, got_log):
         assert a["spearman_cosine"] == pytest.approx(b["spearman_cosine"], abs=1e-6)
         assert a["training_loss"] == pytest.approx(b["training_loss"], abs=1e-6)
     for name, tensor in expected["state_dict"].items():
         assert torch.allclose(tensor, got["state_dict"][name], atol=1e-6), name
+
+
+KILLED_RUN = """
+import os, signal, sys
+import lightning as L
+sys.path.insert(0, {tests!r})
+from helpers import rewrite_in_the_previous_format, run
+
+class SigkillAtStep(L.Callback):
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == 8:  # after last.ckpt of step 7, before step 8's is written
+            os.kill(os.getpid(), signal.SIGKILL)
+
+pair_files = {{"train": {train!r}, "val": {val!r}}}
+run({model!r}, pair_files, {root!r}, callbacks=[SigkillAtStep()])
+"""
+
+
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tiny_model_dir, pair_files, tmp_path):
+    full, full_trainer = run(tiny_model_dir, pair_files, tmp_path / "full")
+    script = KILLED_RUN.format(tests=str(Path(__file__).parent), train=str(pair_files["train"]), val=str(pair_files["val"]),
+                               model=str(tiny_model_dir), root=str(tmp_path / "part"))
+    killed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert torch.load(tmp_path / "part" / "last.ckpt", weights_only=True)["global_step"] == 7
+    assert not list((tmp_path / "part").glob("*.tmp*"))  # no half-written file left beside it
+    resumed, trainer = run(tiny_model_dir, pair_files, tmp_path / "part", ckpt_path=tmp_path / "part" / "last.ckpt")
+    assert trainer.global_step == 10
+    assert [r["spearman_cosine"] for r in RunRecord.of(trainer).record["log"]] == pytest.approx(
+        [r["spearman_cosine"] for r in RunRecord.of(full_trainer).record["log"]], abs=1e-6)
+    for a, b in zip(full.parameters(), resumed.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)

@@ -14,7 +14,7 @@ import pytest
 
 from minilm_sts.stackexchange import DumpError, build_pairs, iter_rows, write_pairs
 
-from conftest import FIXTURES
+from helpers import FIXTURES
 
 SITES = sorted((FIXTURES / "stackexchange").iterdir())
 

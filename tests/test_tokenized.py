@@ -14,7 +14,7 @@ from minilm_sts.datamodule import PairDataModule, PairDataset
 from minilm_sts.pairs import PairDataError, ReadOptions
 from minilm_sts.tokenized import cache_root, load_tokenized
 
-from conftest import write_tsv
+from helpers import write_tsv
 
 
 @pytest.fixture
@@ -116,7 +116,7 @@ def test_every_read_option_gives_the_same_result_cold_or_warm(tokenizer, tmp_pat
                 pairs = load_tokenized(path, tokenizer, 128, options)
         except PairDataError as err:
             return str(err)
-        return pairs.ids.tolist(), pairs.labels.tolist(), pairs.columns, pairs.dropped
+        return pairs.ids.tolist(), pairs.labels.tolist(), pairs.dropped
 
     warm = [load(options, "warm") for options in variants]  # each variant with every other one already cached
     assert len({repr(result) for result in warm}) == len(variants)  # each option changes the result

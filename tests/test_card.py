@@ -1,0 +1,82 @@
+"""The model card: filled from the run's own record, every metric of every evaluation set shown, and the same
+card from a checkpoint written before the run record was a callback."""
+
+import re
+import shutil
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from minilm_sts.card import render_model_card
+from minilm_sts.datamodule import PairDataModule
+from minilm_sts.export import export_with_card
+from minilm_sts.module import SentenceEmbedder
+from minilm_sts.module_callbacks import RunRecord, read_run_record
+from minilm_sts.pairs import read_pairs
+
+from helpers import rewrite_in_the_previous_format, write_tsv
+
+
+def test_model_card_states_the_run(trained_checkpoint, pair_files, tmp_path):
+    model, path, record = trained_checkpoint
+    card = (export_with_card(path, tmp_path / "out") / "README.md").read_text()
+    log = record.record["log"]
+    assert [row["step"] for row in log] == [2, 4]
+    for row in log:  # every validation of the run, with its own numbers
+        assert re.search(rf"\| \**{row['epoch']:.4f}\** \| \**{row['step']}\** \| \**{row['training_loss']:.4f}\** "
+                         rf"\| \**{row['pearson_cosine']:.4f}\** \| \**{row['spearman_cosine']:.4f}\**", card)
+    assert f"**spearman_cosine** | **{log[-1]['spearman_cosine']:.4f}**" in card  # the primary metric in bold
+    assert "- Size: 40 pairs" in card and "- **Maximum Sequence Length:** 128 tokens" in card
+    assert "- **Output Dimensionality:** 32 dimensions" in card and "Cosine Similarity" in card
+
+    table = read_pairs(str(pair_files["train"]))
+    lengths = [len(model.tokenizer(s)["input_ids"]) for s in table.sentences_a]
+    assert f"min: {min(lengths)} tokens<br>mean: {sum(lengths) / len(lengths):.2f} tokens<br>max: {max(lengths)} tokens" in card
+    assert f"min: {min(table.labels):.2f}<br>mean: {sum(table.labels) / 40:.2f}<br>max: {max(table.labels):.2f}" in card
+    assert f"| {table.sentences_a[0]} | {table.sentences_b[0]} | {table.labels[0]:g} |" in card
+    assert "`batch_size`: 8" in card.split("#### All Hyperparameters")[0]  # non-default
+    assert "- PyTorch: " + torch.__version__ in card and "CosineSimilarityLoss" in card
+    assert "| Metric | validation |\n" in card  # no test column: no test was run
+
+
+def test_a_checkpoint_of_the_previous_format_gives_the_same_card(trained_checkpoint, tmp_path):
+    _, path, _ = trained_checkpoint
+    previous = shutil.copy(path, tmp_path / "previous.ckpt")
+    rewrite_in_the_previous_format(previous)
+    assert "RunRecord" not in torch.load(previous, weights_only=True)["callbacks"]
+    card = (export_with_card(path, tmp_path / "now") / "README.md").read_text()
+    assert (export_with_card(previous, tmp_path / "before") / "README.md").read_text() == card
+
+
+def test_every_metric_of_every_set_and_the_monitored_one_in_bold(tiny_model_dir, pair_files, tmp_path):
+    """A binary set monitored on average precision beside a graded set, then a test: the card lists each set's
+    metrics (a dash where one does not apply), bolds cosine_ap and picks the best row by it."""
+    graded = read_pairs(str(pair_files["val"]))
+    duplicates = write_tsv(tmp_path / "duplicates.tsv", [[a, b, float(label >= 0.5)] for a, b, label in
+                                                         zip(graded.sentences_a, graded.sentences_b, graded.labels)])
+    L.seed_everything(0)
+    model = SentenceEmbedder(pretrained=str(tiny_model_dir), lr=1e-3)
+    data = PairDataModule(str(pair_files["train"]), {"duplicates": str(duplicates), "graded": str(pair_files["val"])},
+                          str(pair_files["val"]), batch_size=8)
+    best = ModelCheckpoint(dirpath=tmp_path, monitor="val/cosine_ap", mode="max", filename="best")
+    trainer = L.Trainer(max_epochs=1, val_check_interval=2, check_val_every_n_epoch=None, logger=False,
+                        callbacks=[best], enable_progress_bar=False, num_sanity_val_steps=0)
+    trainer.fit(model, data)
+    trainer.test(model, data)
+    run = RunRecord.of(trainer).record
+    card = render_model_card(model, run)
+
+    assert "| Metric | validation: duplicates | validation: graded | test |" in card
+    final = run["evaluation"]
+    ap = final["val"]["duplicates"]["cosine_ap"]
+    assert f"| **cosine_ap** | **{ap:.4f}** | **-** | **-** |" in card  # binary metrics only for the binary set
+    spearman = [metrics["spearman_cosine"] for sets in (final["val"], final["test"]) for metrics in sets.values()]
+    assert "| spearman_cosine | " + " | ".join(f"{value:.4f}" for value in spearman) + " |" in card
+    assert "BinaryClassificationEvaluator" in card and "- cosine_f1_threshold\n" in card.split("---")[1]
+    log = run["log"]
+    best_row = max(log, key=lambda row: row["cosine_ap"])
+    assert "| Training Loss | pearson_cosine | spearman_cosine | cosine_ap |" in card
+    assert f"| **{best_row['step']}** |" in card
+    assert read_run_record(torch.load(best.best_model_path, weights_only=True))["monitor"] == {
+        "key": "val/cosine_ap", "mode": "max"}

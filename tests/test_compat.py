@@ -1,0 +1,89 @@
+"""Each framework internal that minilm_sts.compat relies on still exists and behaves as assumed, and pyproject
+bounds torch and Lightning to versions this suite has run with. An upgrade that breaks one fails here by name."""
+
+import re
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from packaging.requirements import Requirement
+from torch.utils.data import DataLoader
+
+from minilm_sts import compat
+from minilm_sts.datamodule import PairBatches, PairDataModule
+from minilm_sts.module import SentenceEmbedder
+
+from helpers import ROOT
+
+
+def test_fused_adamw_unscales_in_its_step_and_plain_adamw_does_not():
+    from lightning.fabric.plugins.precision.amp import _optimizer_handles_unscaling
+
+    assert callable(_optimizer_handles_unscaling)
+    parameters = [torch.nn.Parameter(torch.zeros(2))]
+    assert compat.optimizer_unscales_in_step(torch.optim.AdamW(parameters, fused=True))
+    assert not compat.optimizer_unscales_in_step(torch.optim.AdamW(parameters, foreach=False))
+
+
+class Probe(L.Callback):
+    """Records what the compat functions say at each training batch's end and at each validation's end."""
+
+    def __init__(self):
+        self.at_batch_end, self.at_validation = [], []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.at_batch_end.append((batch_idx, compat.epoch_batch_index(trainer), compat.epoch_batches_fetched(trainer),
+                                  compat.epoch_batches_trained(trainer), compat.step_loss(trainer, outputs).item()))
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:  # (index now, index of the training batch just trained)
+            self.at_validation.append((compat.epoch_batch_index(trainer), self.at_batch_end[-1][0]))
+
+
+class LossKeepingEmbedder(SentenceEmbedder):
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.returned.append(loss.item())
+        return loss
+
+
+def test_loop_progress_and_step_loss_read_as_assumed(tiny_model_dir, pair_files):
+    """5 batches an epoch, 2 accumulated per step: the batch index, the fetched and trained counts include the
+    current batch, a validation between batches sees the last one's index, and the hooks' loss is training_step's."""
+    model = LossKeepingEmbedder(pretrained=str(tiny_model_dir))
+    model.returned = []
+    probe = Probe()
+    data = PairDataModule(str(pair_files["train"]), str(pair_files["val"]), None, batch_size=8)
+    trainer = L.Trainer(max_epochs=1, accumulate_grad_batches=2, val_check_interval=2, check_val_every_n_epoch=None,
+                        callbacks=[probe], logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        num_sanity_val_steps=0)
+    trainer.fit(model, data)
+    assert [row[:4] for row in probe.at_batch_end] == [(i, i, i + 1, i + 1) for i in range(5)]
+    assert [row[4] for row in probe.at_batch_end] == pytest.approx(model.returned, rel=1e-6)
+    assert probe.at_validation[0][0] == probe.at_validation[0][1] < 4  # a validation inside the epoch
+
+
+def test_lightning_sets_the_epoch_of_a_batch_sampler_through_receive_set_epoch():
+    from lightning.fabric.utilities.data import _set_sampler_epoch
+
+    batches = PairBatches([10], 3, seed=0, mode="round_robin", batches_done=lambda: 0)
+    _set_sampler_epoch(DataLoader(range(10), batch_sampler=batches), 3)
+    assert batches.epoch == 3
+
+
+def test_onednn_linear_equals_the_default_linear():
+    generator = torch.Generator().manual_seed(0)
+    x, weight, bias = (torch.randn(*shape, generator=generator) for shape in ((7, 16), (24, 16), (24,)))
+    with torch.no_grad():
+        assert torch.allclose(compat.onednn_linear(x, weight, bias), F.linear(x, weight, bias), atol=1e-5)
+
+
+@pytest.mark.parametrize("package", ["torch", "lightning"])
+def test_pyproject_bounds_the_framework_above_and_admits_the_installed_version(package):
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    (line,) = re.findall(rf'^\s*"({package}\s*[<>=!~][^"]*)"', pyproject, flags=re.MULTILINE)
+    specifier = Requirement(line).specifier
+    assert any(spec.operator in ("<", "<=", "==", "~=") for spec in specifier), f"{line}: no upper bound"
+    installed = getattr(__import__(package), "__version__").split("+")[0]
+    assert specifier.contains(installed), f"{package} {installed} is outside {line}"

@@ -1,0 +1,73 @@
+"""The callbacks every SentenceEmbedder brings: whole-split evaluation with the metrics that fit each set, the
+run record, and the checkpoint on a non-finite loss. (Resume, with the random stream, is in test_resume.py.)"""
+
+import lightning as L
+import pytest
+import torch
+
+from minilm_sts.datamodule import PairDataModule
+from minilm_sts.evaluation import binary_classification
+from minilm_sts.module import SentenceEmbedder
+from minilm_sts.module_callbacks import RunRecord, SplitEvaluation, read_run_record
+from minilm_sts.pairs import read_pairs
+
+from helpers import write_tsv
+
+BINARY_KEYS = set(binary_classification(torch.tensor([0.9, 0.1]), torch.tensor([1.0, 0.0])))
+
+
+def test_a_binary_set_logs_classification_metrics_without_being_asked(tiny_model_dir, pair_files, tmp_path):
+    graded = read_pairs(str(pair_files["val"]))
+    duplicates = write_tsv(tmp_path / "duplicates.tsv", [[a, b, float(label >= 0.5)] for a, b, label in
+                                                         zip(graded.sentences_a, graded.sentences_b, graded.labels)])
+    model = SentenceEmbedder(pretrained=str(tiny_model_dir))
+    data = PairDataModule(str(pair_files["train"]), {"graded": str(pair_files["val"]), "duplicates": str(duplicates)},
+                          None, batch_size=8)
+    trainer = L.Trainer(max_steps=2, val_check_interval=2, check_val_every_n_epoch=None, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, num_sanity_val_steps=0)
+    trainer.fit(model, data)
+
+    logged = set(trainer.callback_metrics)
+    assert {f"val/duplicates/{name}" for name in BINARY_KEYS} <= logged
+    assert not any(key.startswith("val/graded/cosine_") or key.startswith("val/cosine_") for key in logged)
+    assert {"val/pearson_cosine", "val/spearman_cosine", "val/graded/spearman_cosine",
+            "val/duplicates/spearman_cosine"} <= logged
+    sets = SplitEvaluation.of(trainer).latest["val"]
+    assert list(sets) == ["graded", "duplicates"]  # the monitored (first) set first
+    scored = sets["duplicates"]
+    assert scored.metrics == binary_classification(scored.cosine, scored.labels) | {
+        name: scored.metrics[name] for name in ("pearson_cosine", "spearman_cosine")}
+    assert trainer.callback_metrics["val/duplicates/cosine_ap"].item() == pytest.approx(scored.metrics["cosine_ap"])
+    record = RunRecord.of(trainer).record
+    assert record["evaluation"]["val"] == {name: s.metrics for name, s in sets.items()}
+    assert set(record["log"][-1]) == {"epoch", "step", "training_loss", "pearson_cosine", "spearman_cosine"}
+
+
+def test_scores_are_whole_sets_in_pair_order(tiny_model_dir, pair_files):
+    """Batches of 5 over 12 pairs: the set's scores come back whole, in pair order, equal to encode's cosines."""
+    model = SentenceEmbedder(pretrained=str(tiny_model_dir))
+    data = PairDataModule(None, str(pair_files["val"]), None, batch_size=5)
+    trainer = L.Trainer(logger=False, enable_progress_bar=False)
+    trainer.validate(model, data, verbose=False)
+    scored = SplitEvaluation.of(trainer).latest["val"]["val"]
+    table = read_pairs(str(pair_files["val"]))
+    expected = (model.encode(table.sentences_a) * model.encode(table.sentences_b)).sum(1)
+    assert torch.allclose(scored.cosine, expected, atol=1e-5)
+    assert scored.labels.tolist() == pytest.approx(table.labels)
+    assert trainer.callback_metrics["val/spearman_cosine"].item() == pytest.approx(scored.metrics["spearman_cosine"])
+
+
+def test_a_checkpoint_without_a_record_reads_as_an_empty_one():
+    assert read_run_record({"state_dict": {}}) == {"datasets": {}, "log": [], "evaluation": {}}
+
+
+def test_non_finite_loss_stops_with_step_batch_and_checkpoint(tiny_model_dir, pair_files, tmp_path):
+    model = SentenceEmbedder(pretrained=str(tiny_model_dir))
+    with torch.no_grad():
+        model.embedder.bert.encoder.layer[0].output.dense.weight[0, 0] = float("nan")
+    data = PairDataModule(str(pair_files["train"]), str(pair_files["val"]), None, batch_size=8)
+    trainer = L.Trainer(max_steps=3, logger=False, default_root_dir=tmp_path, enable_progress_bar=False,
+                        num_sanity_val_steps=0, enable_checkpointing=False)
+    with pytest.raises(FloatingPointError, match=r"loss is nan at step 0 \(epoch 0, batch 0\)") as err:
+        trainer.fit(model, data)
+    assert (tmp_path / "non-finite-loss-step0.ckpt").is_file() and "non-finite-loss-step0.ckpt" in str(err.value)
