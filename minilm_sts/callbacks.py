@@ -14,6 +14,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.model_summary import get_human_readable_count
 
 from minilm_sts.compat import epoch_batches_fetched
+from minilm_sts.export import export_with_card
 from minilm_sts.run_folder import save_emergency_checkpoint
 
 
@@ -109,8 +110,6 @@ class ExportBest(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.dirpath:
             return
-        from minilm_sts.export import export_with_card
-
         ranked = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         source = ranked or max((c.last_model_path for c in trainer.checkpoint_callbacks), default="")
         if not source:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import inspect
 import json
 
+from minilm_sts.datamodule import PairDataModule
+
 LOSS_NAME = "CosineSimilarityLoss"
 LOSS_PARAMETERS = {"loss_fct": "torch.nn.modules.loss.MSELoss", "cos_score_transformation": "torch.nn.modules.linear.Identity"}
 DEFAULT_MONITOR = {"key": "val/spearman_cosine", "mode": "max"}
@@ -174,8 +176,6 @@ def _label_stats(s: dict) -> str:
 
 
 def _hyperparameters(model, run) -> str:
-    from minilm_sts.datamodule import PairDataModule
-
     everything = {**_plain(model.hparams), **_plain(run.get("data", {})), **run.get("trainer", {})}
     everything.pop("encoder_config", None)
     defaults = {**_defaults(type(model)), **_defaults(PairDataModule)}
