@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from typing import Callable, Literal, Optional, Union
+from typing import Any, Callable, Literal, Optional, Protocol, Union
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
@@ -167,6 +167,14 @@ def summary_stats(values: np.ndarray) -> dict:
     return {"min": float(values.min()), "mean": round(float(values.mean()), 2), "max": float(values.max())}
 
 
+class Tokenizing(Protocol):
+    """What the data module takes from the model it feeds (SentenceEmbedder is one): the model owns its tokenizer
+    and max length, and checkpoints carry them, so the data is tokenized the way the model was trained."""
+
+    tokenizer: Any
+    max_seq_length: int
+
+
 class PairDataModule(L.LightningDataModule):
     """Sentence pairs with a similarity label in [0, 1] (after dividing by `label_scale`).
 
@@ -219,9 +227,9 @@ class PairDataModule(L.LightningDataModule):
         self._batches_state: Optional[dict] = None  # from a checkpoint, for the next train loader
 
     def setup(self, stage: str) -> None:
-        if self.tokenizer is None:  # the model owns the tokenizer and the max length
-            model = self.trainer.lightning_module
-            self.tokenizer, self.max_seq_length = model.tokenizer, model.hparams.max_seq_length
+        if self.tokenizer is None:
+            model: Tokenizing = self.trainer.lightning_module
+            self.tokenizer, self.max_seq_length = model.tokenizer, model.max_seq_length
         wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage, ())
         for split in wanted:
             if split not in self.datasets:

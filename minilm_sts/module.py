@@ -79,6 +79,11 @@ class SentenceEmbedder(L.LightningModule):
         """The embedder's tokenizer, which the data module tokenizes with; checkpoints carry it."""
         return self.embedder.tokenizer
 
+    @property
+    def max_seq_length(self) -> int:
+        """The data module truncates sentences to this many tokens."""
+        return self.embedder.max_seq_length
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint[TOKENIZER_CHECKPOINT_KEY] = tokenizer_files(self.tokenizer)
 

@@ -139,9 +139,14 @@ def versions() -> dict[str, str]:
     return found
 
 
+def display_name(source: str) -> str:
+    """A source as the table shows it: a file by its name only, not this machine's path."""
+    return source if source.startswith("builtin:") else Path(source).name
+
+
 def markdown(r: dict) -> str:
     reference = r["sides"].get("sentence-transformers")
-    lines = [f"Train `{r['train']}`, validate `{r['val']}`; recipe `{r['config']}`, precision {r['precision']}, "
+    lines = [f"Train `{r['train']}`, validate `{r['val']}`; recipe `{Path(r['config']).name}`, precision {r['precision']}, "
              f"{r['threads']} threads, batch 32, max length 128; steps {r['steps'][0]} and {r['steps'][1]}, "
              f"{r['rounds_run']} alternating round(s).", "",
              "| side | best s/step | median s/step | pairs/s (best) | start-up s | seed epoch, min | vs sentence-transformers | val Spearman |",
@@ -170,7 +175,7 @@ def main() -> None:
     args.model = str(Path(args.model).resolve()) if Path(args.model).exists() else args.model
     with tempfile.TemporaryDirectory() as scratch:
         sides = measure(args, Path(scratch))
-    result = {"train": args.train, "val": args.val, "config": args.config, "precision": args.precision,
+    result = {"train": display_name(args.train), "val": display_name(args.val), "config": args.config, "precision": args.precision,
               "threads": args.threads, "steps": args.steps, "rounds_run": max((len(s["step_seconds"]) for s in sides.values()), default=0),
               "sides": sides, "versions": versions(), "date": time.strftime("%Y-%m-%d"),
               "command": " ".join(sys.argv)}
