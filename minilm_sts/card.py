@@ -7,9 +7,16 @@ import inspect
 import json
 
 from minilm_sts.datamodule import PairDataModule
+from minilm_sts.losses import LOSSES
 
-LOSS_NAME = "CosineSimilarityLoss"
-LOSS_PARAMETERS = {"loss_fct": "torch.nn.modules.loss.MSELoss", "cos_score_transformation": "torch.nn.modules.linear.Identity"}
+# Each loss as sentence-transformers' equivalent class and the parameters its cards list beside ours.
+ST_LOSSES = {
+    "cosine_mse": ("CosineSimilarityLoss", {"loss_fct": "torch.nn.modules.loss.MSELoss",
+                                            "cos_score_transformation": "torch.nn.modules.linear.Identity"}),
+    "cosent": ("CoSENTLoss", {"similarity_fct": "pairwise_cos_sim"}),
+    "angle": ("AnglELoss", {"similarity_fct": "pairwise_angle_sim"}),
+    "mnrl": ("MultipleNegativesRankingLoss", {"similarity_fct": "cos_sim"}),
+}
 DEFAULT_MONITOR = {"key": "val/spearman_cosine", "mode": "max"}
 CORRELATION_TEXT = ("Pearson and Spearman correlation of cosine similarity with the gold label (as sentence-transformers' "
                     "EmbeddingSimilarityEvaluator)")
@@ -35,9 +42,21 @@ def render_model_card(model, run: dict | None = None) -> str:
     return "\n\n".join(section for section in sections if section) + "\n"
 
 
+def loss_description(h) -> tuple[str, dict]:
+    """The run's loss as sentence-transformers' class name and the parameters it ran with (defaults filled in):
+    mnrl with `symmetric` is MultipleNegativesSymmetricRankingLoss."""
+    name, given = h.loss, dict(h.loss_params or {})
+    defaults = {key: p.default for key, p in LOSSES[name].parameters().items()}
+    parameters = {**defaults, **given}
+    class_name, extra = ST_LOSSES[name]
+    if parameters.pop("symmetric", False):
+        class_name = "MultipleNegativesSymmetricRankingLoss"
+    return class_name, {**parameters, **extra}
+
+
 def _front_matter(h, run, train) -> str:
     tags = ["sentence-transformers", "sentence-similarity", "feature-extraction", "dense", "minilm_sts",
-            f"loss:{LOSS_NAME}"]
+            f"loss:{loss_description(h)[0]}"]
     if train:
         tags.append(f"dataset_size:{train['size']}")
     lines = ["---", "tags:", *(f"- {tag}" for tag in tags), f"base_model: {h.pretrained}",
@@ -145,14 +164,14 @@ def _training(model, run, train) -> str:
     for heading, split in (("Training Dataset", "train"), ("Evaluation Dataset", "val")):
         datasets = run.get("datasets", {}).get(split) or []
         parts += [f"### {heading}{'s' if len(datasets) > 1 else ''}"] if datasets else []
-        parts += [f"#### {d['source']}\n\n{_dataset_block(d)}" for d in datasets]
+        parts += [f"#### {d['source']}\n\n{_dataset_block(d, model.hparams)}" for d in datasets]
     parts += ["### Training Hyperparameters", _hyperparameters(model, run)]
     if run.get("log"):
         parts += ["### Training Logs", _log_table(run)]
     return "\n\n".join(parts)
 
 
-def _dataset_block(d: dict) -> str:
+def _dataset_block(d: dict, h) -> str:
     a, b, label = d["columns"]
     stats = [
         _row(["", f"{a}", f"{b}", f"{label}"]), _row(["---"] * 4),
@@ -160,11 +179,13 @@ def _dataset_block(d: dict) -> str:
         _row(["details", _token_stats(d["tokens"][a]), _token_stats(d["tokens"][b]), _label_stats(d["label"][label])]),
     ]
     samples = [_row([a, b, label]), _row(["---"] * 3), *(_row([x, y, f"{z:g}"]) for x, y, z in d["samples"])]
-    return (f"- Source: `{d['source']}`\n- Size: {d['size']:,} pairs\n"
+    loss, parameters = loss_description(h)
+    left_out = f" ({d['left_out']:,} rows labelled 0 left out: {h.loss} uses positive pairs only)" if d.get("left_out") else ""
+    return (f"- Source: `{d['source']}`\n- Size: {d['size']:,} pairs{left_out}\n"
             f"- Columns: `{a}`, `{b}` and `{label}`\n"
             f"- Approximate statistics based on the first {d['stats_rows']} samples (tokens include [CLS] and [SEP]):\n\n"
             + "\n".join(stats) + "\n\n- Samples:\n\n" + "\n".join(samples)
-            + f"\n\n- Loss: `{LOSS_NAME}` with these parameters:\n\n```json\n{json.dumps(LOSS_PARAMETERS, indent=4)}\n```")
+            + f"\n\n- Loss: `{loss}` (minilm_sts `{h.loss}`) with these parameters:\n\n```json\n{json.dumps(parameters, indent=4)}\n```")
 
 
 def _token_stats(s: dict) -> str:

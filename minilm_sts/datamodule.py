@@ -20,13 +20,15 @@ from minilm_sts.tokenized import TokenizedPairs, load_tokenized
 
 
 class PairDataset(Dataset):
-    """Index i is pair i; `collate` turns a list of indices into one packed batch of both columns."""
+    """Index i is pair `rows[i]` (every pair of `pairs` by default); `collate` turns a list of indices into one
+    packed batch of both columns."""
 
-    def __init__(self, pairs: TokenizedPairs):
+    def __init__(self, pairs: TokenizedPairs, rows: Optional[np.ndarray] = None):
         self.pairs = pairs
+        self.rows = np.arange(len(pairs)) if rows is None else rows
 
     def __len__(self) -> int:
-        return len(self.pairs)
+        return len(self.rows)
 
     def __getitem__(self, index: int) -> int:
         return index
@@ -34,14 +36,23 @@ class PairDataset(Dataset):
     def collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
         """Sentence A of each pair, then sentence B of each, packed end to end with no padding: one encoder call
         embeds both columns, and `lengths` says where each sentence ends."""
-        rows = [2 * i for i in indices] + [2 * i + 1 for i in indices]
+        pair_rows = self.rows[indices]
+        rows = [2 * int(i) for i in pair_rows] + [2 * int(i) + 1 for i in pair_rows]
         sentences = [self.pairs.sentence(k) for k in rows]
         return {
             "input_ids": torch.from_numpy(np.concatenate(sentences).astype(np.int64)),
             "lengths": torch.tensor([len(s) for s in sentences]),
-            "labels": torch.from_numpy(np.asarray(self.pairs.labels[indices], dtype=np.float32)),
+            "labels": torch.from_numpy(np.asarray(self.pairs.labels[pair_rows], dtype=np.float32)),
             "indices": torch.tensor(indices),
         }
+
+    def sentence_ids(self) -> np.ndarray:
+        """[len(self), 2]: a number per distinct sentence (equal token ids, equal number) for sentence A and B
+        of each pair: what the model sees, so two texts that tokenize alike count as one."""
+        numbers: dict[bytes, int] = {}
+        flat = [numbers.setdefault(self.pairs.sentence(2 * int(i) + side).tobytes(), len(numbers))
+                for i in self.rows for side in (0, 1)]
+        return np.asarray(flat, dtype=np.int64).reshape(-1, 2)
 
 
 class ConcatPairs(Dataset):
@@ -71,16 +82,20 @@ class PairBatches:
     of this epoch's batches the trainer has trained on: saved in checkpoints, it makes the first pass after a
     resume skip exactly those. Under distributed training, process `rank` of `world` takes every world-th batch
     of the same plan, which is first padded by repeating its start so that every process gets as many.
+    With `sentence_ids` (per dataset, `PairDataset.sentence_ids()`), no sentence occurs twice in a batch
+    (`distinct_sentence_batches`), as losses with in-batch negatives need.
     """
 
     def __init__(self, sizes: list[int], batch_size: int, seed: int, mode: str, batches_done: Callable[[], int],
-                 rank: int = 0, world: int = 1):
+                 rank: int = 0, world: int = 1, sentence_ids: Optional[list[np.ndarray]] = None):
         if mode not in ("round_robin", "proportional"):
             raise ValueError(f"multi_dataset_sampler must be round_robin or proportional, got {mode!r}")
         self.sizes, self.batch_size, self.seed, self.mode = sizes, batch_size, seed, mode
         self.batches_done = batches_done
         self.rank, self.world = rank, world
+        self.sentence_ids = sentence_ids
         self.epoch, self._skip = 0, 0
+        self._planned: Optional[tuple[int, list[list[int]]]] = None  # (epoch, its plan), made once per epoch
         receive_set_epoch(self)
 
     def set_epoch(self, epoch: int) -> None:
@@ -88,22 +103,29 @@ class PairBatches:
             self.epoch, self._skip = epoch, 0
 
     def __len__(self) -> int:
-        counts = [math.ceil(size / self.batch_size) for size in self.sizes]
-        total = min(counts) * len(counts) if self.mode == "round_robin" else sum(counts)
-        return math.ceil(total / self.world)
+        return math.ceil(len(self._epoch_plan()) / self.world)
 
     def __iter__(self):
         skip, self._skip = self._skip, 0
-        plan = self._plan()
+        plan = list(self._epoch_plan())
         plan += plan[: len(self) * self.world - len(plan)]
         return iter(plan[self.rank :: self.world][skip:])
+
+    def _epoch_plan(self) -> list[list[int]]:
+        if self._planned is None or self._planned[0] != self.epoch:
+            self._planned = (self.epoch, self._plan())
+        return self._planned[1]
 
     def _plan(self) -> list[list[int]]:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         per_dataset, offset = [], 0
-        for size in self.sizes:
-            order = (torch.randperm(size, generator=generator) + offset).tolist()
-            per_dataset.append([order[i : i + self.batch_size] for i in range(0, size, self.batch_size)])
+        for dataset, size in enumerate(self.sizes):
+            order = torch.randperm(size, generator=generator).tolist()
+            if self.sentence_ids is None:
+                batches = [order[i : i + self.batch_size] for i in range(0, size, self.batch_size)]
+            else:
+                batches = distinct_sentence_batches(order, self.sentence_ids[dataset], self.batch_size)
+            per_dataset.append([[offset + i for i in batch] for batch in batches])
             offset += size
         if len(per_dataset) == 1:
             return per_dataset[0]
@@ -123,6 +145,45 @@ class PairBatches:
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self._skip = state["epoch"], state["batches_done"]
+
+
+def distinct_sentence_batches(order: list[int], sentence_ids: np.ndarray, batch_size: int) -> list[list[int]]:
+    """`order` in batches of `batch_size` rows (at least 2) where no sentence occurs twice: batches are filled
+    in order, and a row whose sentence is already in the batch waits for the next one, which takes waiting rows
+    first. A row still alone at the end joins the first batch holding neither of its sentences (one row over
+    `batch_size`); if none can take it, it sits this epoch out, with a warning."""
+    batches, waiting, position = [], [], 0
+    while waiting or position < len(order):
+        batch, seen, deferred = [], set(), []
+        candidates = iter(waiting)
+        while len(batch) < batch_size:
+            row = next(candidates, None)
+            if row is None:
+                if position == len(order):
+                    break
+                row, position = order[position], position + 1
+            sentences = set(sentence_ids[row].tolist())
+            if seen & sentences:
+                deferred.append(row)
+            else:
+                batch.append(row)
+                seen |= sentences
+        waiting = deferred + list(candidates)
+        batches.append(batch)
+    full = [batch for batch in batches if len(batch) > 1]
+    for batch in batches:
+        if len(batch) == 1:
+            _place_alone(batch[0], full, sentence_ids)
+    return full
+
+
+def _place_alone(row: int, batches: list[list[int]], sentence_ids: np.ndarray) -> None:
+    sentences = set(sentence_ids[row].tolist())
+    for batch in batches:
+        if not sentences & set(sentence_ids[batch].flat):
+            batch.append(row)
+            return
+    warnings.warn(f"training pair {row} shares a sentence with every batch of this epoch: it sits this epoch out")
 
 
 class ResumableLoader(DataLoader):
@@ -169,10 +230,13 @@ def summary_stats(values: np.ndarray) -> dict:
 
 class Tokenizing(Protocol):
     """What the data module takes from the model it feeds (SentenceEmbedder is one): the model owns its tokenizer
-    and max length, and checkpoints carry them, so the data is tokenized the way the model was trained."""
+    and max length, and checkpoints carry them, so the data is tokenized the way the model was trained; and
+    whether its loss takes the batch's other rows as negatives, which asks for positive pairs only (label > 0)
+    and batches without a repeated sentence."""
 
     tokenizer: Any
     max_seq_length: int
+    in_batch_negatives: bool
 
 
 class PairDataModule(L.LightningDataModule):
@@ -219,6 +283,7 @@ class PairDataModule(L.LightningDataModule):
             self.hparams.seed = int(os.environ.get("PL_GLOBAL_SEED", 42))
         self.tokenizer = None
         self.max_seq_length: Optional[int] = None
+        self.in_batch_negatives = False
         self.sources = {split: named_sources(getattr(self.hparams, f"{split}_path")) for split in SPLITS}
         if monitor_val is not None and monitor_val not in self.sources["val"]:
             raise PairDataError(f"monitor_val {monitor_val!r} is not a validation set; they are {list(self.sources['val'])}")
@@ -230,6 +295,10 @@ class PairDataModule(L.LightningDataModule):
         if self.tokenizer is None:
             model: Tokenizing = self.trainer.lightning_module
             self.tokenizer, self.max_seq_length = model.tokenizer, model.max_seq_length
+            self.in_batch_negatives = model.in_batch_negatives
+            if self.in_batch_negatives and self.hparams.batch_size < 2:
+                raise PairDataError("a loss with in-batch negatives takes the other rows of a batch as negatives: "
+                                    f"batch_size must be at least 2, got {self.hparams.batch_size}")
         wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage, ())
         for split in wanted:
             if split not in self.datasets:
@@ -248,7 +317,9 @@ class PairDataModule(L.LightningDataModule):
             _check_correlation_defined(source, pairs)
         rank_zero_info(f"{split}: {len(pairs):,} pairs from {source}; {pairs.at_max_length} sentence(s) reached "
                        f"{self.max_seq_length} tokens and were truncated; {pairs.dropped} invalid row(s) dropped")
-        return PairDataset(pairs)
+        if split != "train" or not self.in_batch_negatives:
+            return PairDataset(pairs)
+        return _positive_pairs(source, pairs)
 
     def eval_names(self, split: str) -> list[str]:
         """Names of the split's datasets in dataloader order, the monitored validation set first."""
@@ -262,9 +333,10 @@ class PairDataModule(L.LightningDataModule):
         """What a model card says about each dataset of a split: size, columns, tokens per sentence (special
         tokens included, after truncation) and label statistics over the first 1000 pairs, and the first rows.
         Columns and rows come from reading the source again: the token cache keeps only tokens and labels."""
-        return [self._describe(self.sources[split][name], dataset.pairs) for name, dataset in self.datasets[split].items()]
+        return [self._describe(self.sources[split][name], dataset) for name, dataset in self.datasets[split].items()]
 
-    def _describe(self, source: str, pairs: TokenizedPairs) -> dict:
+    def _describe(self, source: str, dataset: PairDataset) -> dict:
+        pairs = dataset.pairs
         with warnings.catch_warnings():  # rows dropped under drop_invalid were reported when the data loaded
             warnings.simplefilter("ignore")
             table = read_pairs(source, self._read_options())
@@ -274,7 +346,7 @@ class PairDataModule(L.LightningDataModule):
         samples = zip(table.sentences_a[:CARD_SAMPLE_ROWS], table.sentences_b[:CARD_SAMPLE_ROWS], table.labels)
         return {
             "source": source,
-            "size": len(pairs),
+            "size": len(dataset),
             "stats_rows": rows,
             "columns": list(table.columns),
             "tokens": {column_a: summary_stats(lengths[0::2]), column_b: summary_stats(lengths[1::2])},
@@ -282,13 +354,15 @@ class PairDataModule(L.LightningDataModule):
             "samples": [list(row) for row in samples],
             "at_max_length": pairs.at_max_length,
             "dropped": pairs.dropped,
+            "left_out": len(pairs) - len(dataset),
         }
 
     def train_dataloader(self) -> DataLoader:
         parts = list(self.datasets["train"].values())
         h, trainer = self.hparams, self.trainer
+        sentence_ids = [p.sentence_ids() for p in parts] if self.in_batch_negatives else None
         batches = PairBatches([len(p) for p in parts], h.batch_size, h.seed, h.multi_dataset_sampler, self._batches_trained,
-                              rank=trainer.global_rank, world=trainer.world_size)
+                              rank=trainer.global_rank, world=trainer.world_size, sentence_ids=sentence_ids)
         if self._batches_state is not None:
             batches.load_state_dict(self._batches_state)
             self._batches_state = None
@@ -331,6 +405,18 @@ class PairDataModule(L.LightningDataModule):
 
     def _batches_trained(self) -> int:
         return epoch_batches_trained(self.trainer)
+
+
+def _positive_pairs(source: str, pairs: TokenizedPairs) -> PairDataset:
+    """The pairs labelled above 0, for a loss that takes every row as a positive pair (a graded label > 0 counts
+    as positive); the rows labelled 0 are counted in the log and the model card."""
+    positive = np.flatnonzero(pairs.labels > 0)
+    if len(positive) < 2:
+        raise PairDataError(f"{source}: a loss with in-batch negatives trains on pairs labelled above 0, and this "
+                            f"set has {len(positive)}; it needs at least 2")
+    rank_zero_info(f"train: {len(pairs) - len(positive):,} rows labelled 0 left out of {source}: a loss with in-batch "
+                   "negatives uses positive pairs only")
+    return PairDataset(pairs, positive)
 
 
 def _check_correlation_defined(source: str, pairs: TokenizedPairs) -> None:

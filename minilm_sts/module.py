@@ -1,4 +1,4 @@
-"""SentenceEmbedder: the LightningModule that fine-tunes a SentenceEncoder with cosine-MSE."""
+"""SentenceEmbedder: the LightningModule that fine-tunes a SentenceEncoder with a pair loss (cosine-MSE by default)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from minilm_sts.compat import optimizer_unscales_in_step
 from minilm_sts.embedder import SentenceEncoder, tokenizer_files, tokenizer_from_files
 from minilm_sts.encoder import BertConfig, BertModel
 from minilm_sts.errors import UserInputError
-from minilm_sts.losses import cosine_mse_loss
+from minilm_sts.losses import LOSSES, build_loss
 from minilm_sts.module_callbacks import (NonFiniteLoss, NonFiniteLossCheckpoint, RandomStreamOnResume, RunRecord,
                                          SkippedStepCounter, SplitEvaluation)
 from minilm_sts.pretrained import DEFAULT_MODEL
@@ -25,7 +25,7 @@ EMBEDDER_PREFIX, BERT_PREFIX, LEGACY_BERT_PREFIX = "embedder.", "embedder.bert."
 
 
 class SentenceEmbedder(L.LightningModule):
-    """Trains a SentenceEncoder (`self.embedder`, mean-pooled BERT) so that cos(u, v) regresses the pair's label.
+    """Trains a SentenceEncoder (`self.embedder`, mean-pooled BERT) with a pair loss, by default cosine-MSE.
 
     Args:
         pretrained: a Hugging Face Hub id or a local model folder (config.json, model.safetensors, tokenizer).
@@ -39,6 +39,8 @@ class SentenceEmbedder(L.LightningModule):
         max_grad_norm: clip the global gradient L2 norm to this (0 disables).
         fused_optimizer: use torch's fused AdamW kernel.
         compile: run the BERT through `torch.compile` on a padded path (see SentenceEncoder); for GPUs.
+        loss: the training loss, a name in `minilm_sts.losses.LOSSES`: cosine_mse, cosent, angle or mnrl.
+        loss_params: the loss's keyword parameters, e.g. {"scale": 20.0} or {"symmetric": True}; checked here.
         encoder_config: the BERT architecture. Filled in from `pretrained` on first build and saved in
             checkpoints, so loading a checkpoint builds the model without reading `pretrained`.
     """
@@ -56,11 +58,14 @@ class SentenceEmbedder(L.LightningModule):
         max_grad_norm: float = 1.0,
         fused_optimizer: bool = True,
         compile: bool = False,
+        loss: str = "cosine_mse",
+        loss_params: Optional[dict] = None,
         encoder_config: Optional[dict] = None,
     ):
         super().__init__()
         if warmup_ratio is not None and warmup_steps:
             raise UserInputError("give warmup_steps or warmup_ratio, not both")
+        self._loss = build_loss(loss, loss_params)  # a bad name or parameter stops here, before any training
         self.save_hyperparameters()
         if encoder_config is None:
             self.embedder = SentenceEncoder.from_pretrained(pretrained, max_seq_length, compile)
@@ -69,8 +74,7 @@ class SentenceEmbedder(L.LightningModule):
             bert = BertModel(BertConfig.from_dict(encoder_config))
             self.embedder = SentenceEncoder(bert, None, max_seq_length, compile, pretrained)
         # Made once, so that a test after a fit in the same trainer adds to the same run record.
-        self._callbacks = [SplitEvaluation(), RunRecord(), RandomStreamOnResume(), NonFiniteLossCheckpoint(),
-                           SkippedStepCounter()]
+        self._callbacks = [SplitEvaluation(), RunRecord(), RandomStreamOnResume(), NonFiniteLossCheckpoint(), SkippedStepCounter()]
 
     # ----- tokenizer and inference -----------------------------------------------------------------------------
 
@@ -83,6 +87,11 @@ class SentenceEmbedder(L.LightningModule):
     def max_seq_length(self) -> int:
         """The data module truncates sentences to this many tokens."""
         return self.embedder.max_seq_length
+
+    @property
+    def in_batch_negatives(self) -> bool:
+        """The loss takes the batch's other rows as negatives: the data module keeps positive pairs only."""
+        return LOSSES[self.hparams.loss].in_batch_negatives
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint[TOKENIZER_CHECKPOINT_KEY] = tokenizer_files(self.tokenizer)
@@ -115,7 +124,7 @@ class SentenceEmbedder(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         u, v = self._pair_embeddings(batch)
-        loss = cosine_mse_loss(u, v, batch["labels"])
+        loss = self._loss(u, v, batch["labels"])
         if not torch.isfinite(loss):  # stop rather than train on garbage; NonFiniteLossCheckpoint saves the state
             raise NonFiniteLoss(loss.item(), self.global_step, self.current_epoch, batch_idx)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(u))

@@ -1,10 +1,12 @@
 """The model card: filled from the run's own record, every metric of every evaluation set shown, and the same
-card from a checkpoint written before the run record was a callback."""
+card from a checkpoint written before the run record was a callback, and the loss it trained with."""
 
+import json
 import re
 import shutil
 
 import lightning as L
+import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -80,3 +82,37 @@ def test_every_metric_of_every_set_and_the_monitored_one_in_bold(tiny_model_dir,
     assert f"| **{best_row['step']}** |" in card
     assert read_run_record(torch.load(best.best_model_path, weights_only=True))["monitor"] == {
         "key": "val/cosine_ap", "mode": "max"}
+
+
+@pytest.mark.parametrize("loss, params, class_name, stated", [
+    ("cosine_mse", None, "CosineSimilarityLoss",
+     {"loss_fct": "torch.nn.modules.loss.MSELoss", "cos_score_transformation": "torch.nn.modules.linear.Identity"}),
+    ("cosent", {"scale": 10.0}, "CoSENTLoss", {"scale": 10.0, "similarity_fct": "pairwise_cos_sim"}),
+    ("angle", None, "AnglELoss", {"scale": 20.0, "similarity_fct": "pairwise_angle_sim"}),
+    ("mnrl", None, "MultipleNegativesRankingLoss", {"scale": 20.0, "similarity_fct": "cos_sim"}),
+    ("mnrl", {"symmetric": True, "scale": 5}, "MultipleNegativesSymmetricRankingLoss",
+     {"scale": 5, "similarity_fct": "cos_sim"}),
+])
+def test_the_card_names_the_loss_its_parameters_and_the_rows_left_out(tiny_model_dir, pair_files, tmp_path, loss,
+                                                                       params, class_name, stated):
+    graded = read_pairs(str(pair_files["train"]))
+    binary = write_tsv(tmp_path / "binary.tsv", [[a, b, float(label >= 0.5)] for a, b, label in
+                                                 zip(graded.sentences_a, graded.sentences_b, graded.labels)])
+    zeros = sum(label < 0.5 for label in graded.labels)
+    L.seed_everything(0)
+    model = SentenceEmbedder(pretrained=str(tiny_model_dir), loss=loss, loss_params=params)
+    data = PairDataModule(str(binary), str(pair_files["val"]), None, batch_size=8)
+    trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        num_sanity_val_steps=0)
+    trainer.fit(model, data)
+    card = render_model_card(model, RunRecord.of(trainer).record)
+
+    assert f"- loss:{class_name}\n" in card
+    assert f"- Loss: `{class_name}` (minilm_sts `{loss}`) with these parameters:\n\n```json\n" \
+           f"{json.dumps(stated, indent=4)}\n```" in card
+    if loss == "mnrl":
+        assert 0 < zeros < 40
+        assert f"- Size: {40 - zeros} pairs ({zeros} rows labelled 0 left out: mnrl uses positive pairs only)\n" in card
+    else:
+        assert "- Size: 40 pairs\n" in card and "left out" not in card
+    assert f"`loss`: {loss}" in card

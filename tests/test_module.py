@@ -1,4 +1,6 @@
-"""SentenceEmbedder: schedule, parameter groups, clipping and skipped steps under fp16, determinism."""
+"""SentenceEmbedder: schedule, parameter groups, clipping and skipped steps under fp16, determinism, the loss option."""
+
+import re
 
 import lightning as L
 import pytest
@@ -102,3 +104,52 @@ def test_same_seed_same_metrics_with_or_without_workers(tiny_model_dir, pair_fil
     for a, b in zip(reference.parameters(), other.parameters()):
         assert torch.allclose(a, b, atol=1e-6)
 
+
+
+def fit_losses(model_dir, pair_files, **model_args) -> tuple[list[float], SentenceEmbedder]:
+    """The training loss of each step of a 2-epoch, 10-step fit, and the trained model."""
+    losses = []
+
+    class RecordLoss(L.Callback):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            losses.append(outputs["loss"].item())
+
+    L.seed_everything(42)
+    model = SentenceEmbedder(pretrained=str(model_dir), lr=1e-3, **model_args)
+    data = PairDataModule(str(pair_files["train"]), str(pair_files["val"]), None, batch_size=8)
+    trainer = L.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        limit_val_batches=0, callbacks=[RecordLoss()])
+    trainer.fit(model, data)
+    return losses, model
+
+
+def test_the_default_loss_is_cosine_mse_and_trains_bit_identically(tiny_model_dir, pair_files):
+    from minilm_sts.losses import cosine_mse_loss
+
+    default_losses, default = fit_losses(tiny_model_dir, pair_files)
+    named_losses, named = fit_losses(tiny_model_dir, pair_files, loss="cosine_mse", loss_params={})
+    assert default.hparams.loss == "cosine_mse" and default.hparams.loss_params is None
+    assert default._loss.func is cosine_mse_loss
+    assert len(default_losses) == 10 and default_losses == named_losses  # exactly, not approximately
+    for a, b in zip(default.parameters(), named.parameters()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("loss, params, message", [
+    ("cosine", None, "unknown loss 'cosine'; choose one of: cosine_mse, cosent, angle, mnrl"),
+    ("cosent", {"scale": 0}, "loss 'cosent' parameter 'scale' must be a positive number"),
+    ("mnrl", {"temperature": 0.05}, "loss 'mnrl' has no parameter 'temperature'; its parameters: scale, symmetric"),
+])
+def test_a_bad_loss_or_parameter_fails_at_construction(tiny_model_dir, loss, params, message):
+    from minilm_sts.errors import UserInputError
+
+    with pytest.raises(UserInputError, match=re.escape(message)):
+        SentenceEmbedder(pretrained=str(tiny_model_dir), loss=loss, loss_params=params)
+
+
+def test_the_loss_and_its_parameters_are_plain_saved_hyperparameters(tiny_model_dir, tmp_path):
+    model = SentenceEmbedder(pretrained=str(tiny_model_dir), loss="mnrl", loss_params={"scale": 10.0, "symmetric": True})
+    torch.save({"hyper_parameters": dict(model.hparams)}, tmp_path / "h.pt")
+    saved = torch.load(tmp_path / "h.pt", weights_only=True)["hyper_parameters"]
+    assert saved["loss"] == "mnrl" and saved["loss_params"] == {"scale": 10.0, "symmetric": True}
+    assert model.in_batch_negatives and not SentenceEmbedder(pretrained=str(tiny_model_dir)).in_batch_negatives
