@@ -1,6 +1,7 @@
 """The command line: recipes resolve, fit runs end to end (twice in one folder), and never imports the oracle."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -212,6 +213,8 @@ def test_a_command_line_bound_replaces_the_recipes_other_bound():
     ("--model.pretrained", "{tmp}/no-model", "pretrained folder"),
     ("--ckpt_path", "last", "error: --ckpt_path last: no last.ckpt under"),
     ("--ckpt_path", "{tmp}/nope.ckpt", "nope.ckpt: no such checkpoint file"),
+    ("--model.loss", "cosine", "error: unknown loss 'cosine'; choose one of: cosine_mse, cosent, angle, mnrl"),
+    ("--model.loss_params", "{{scale: -1}}", "error: loss 'cosine_mse' has no parameter 'scale'; its parameters: none"),
 ])
 def test_a_user_error_is_one_message_and_exit_status_2(tiny_model_dir, pair_files, tmp_path, monkeypatch, capsys,
                                                        option, value, message):
@@ -296,3 +299,23 @@ def test_best_checkpoint_names_follow_the_monitored_metric(monitor, expected):
 
     checkpoint = ModelCheckpoint(filename=checkpoint_filename(monitor), auto_insert_metric_name=False)
     assert checkpoint.format_checkpoint_name({"step": torch.tensor(7), monitor: torch.tensor(0.84123)}) == expected
+
+
+@pytest.mark.parametrize("loss, params", [("cosine_mse", "{}"), ("cosent", "{scale: 10.0}"), ("angle", "{}"),
+                                          ("mnrl", "{symmetric: true}")])
+def test_each_loss_trains_from_the_command_line(tiny_model_dir, pair_files, tmp_path, monkeypatch, loss, params):
+    from minilm_sts.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["minilm_sts"])
+    main(["fit", "--model.pretrained", str(tiny_model_dir), "--data.train_path", str(pair_files["train"]),
+          "--data.val_path", str(pair_files["val"]), "--data.batch_size", "8", "--model.loss", loss,
+          "--model.loss_params", params, "--trainer.max_steps", "3", "--trainer.log_every_n_steps", "1",
+          "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", str(tmp_path),
+          "--trainer.enable_progress_bar", "false"])
+    metrics = next(tmp_path.rglob("metrics.csv")).read_text().splitlines()
+    column = metrics[0].split(",").index("train/loss")
+    losses = [float(row.split(",")[column]) for row in metrics[1:] if row.split(",")[column]]
+    assert len(losses) == 3 and all(math.isfinite(value) and value > 0 for value in losses)
+    saved = torch.load(next(tmp_path.rglob("last.ckpt")), weights_only=True)["hyper_parameters"]
+    assert saved["loss"] == loss and saved["loss_params"] == yaml.safe_load(params)
