@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Literal, Optional
 
 import lightning as L
@@ -16,6 +15,7 @@ from minilm_sts.errors import UserInputError
 from minilm_sts.losses import LOSSES, build_loss
 from minilm_sts.module_callbacks import (NonFiniteLoss, NonFiniteLossCheckpoint, RandomStreamOnResume, RunRecord,
                                          SkippedStepCounter, SplitEvaluation)
+from minilm_sts.optimization import adamw, step_schedule
 from minilm_sts.pretrained import DEFAULT_MODEL
 
 TOKENIZER_CHECKPOINT_KEY = "minilm_sts_tokenizer_files"
@@ -74,7 +74,8 @@ class SentenceEmbedder(L.LightningModule):
             bert = BertModel(BertConfig.from_dict(encoder_config))
             self.embedder = SentenceEncoder(bert, None, max_seq_length, compile, pretrained)
         # Made once, so that a test after a fit in the same trainer adds to the same run record.
-        self._callbacks = [SplitEvaluation(), RunRecord(), RandomStreamOnResume(), NonFiniteLossCheckpoint(), SkippedStepCounter()]
+        self._callbacks = [SplitEvaluation(), RunRecord(), RandomStreamOnResume(), NonFiniteLossCheckpoint(),
+                           SkippedStepCounter()]
 
     # ----- tokenizer and inference -----------------------------------------------------------------------------
 
@@ -142,16 +143,9 @@ class SentenceEmbedder(L.LightningModule):
 
     def configure_optimizers(self) -> dict:
         h = self.hparams
-        decay, no_decay = [], []
-        for name, param in self.named_parameters():
-            if param.requires_grad:
-                exempt = not h.decay_bias_and_norm and (name.endswith(".bias") or "LayerNorm" in name)
-                (no_decay if exempt else decay).append(param)
-        groups = [{"params": decay, "weight_decay": h.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        optimizer = torch.optim.AdamW(groups, lr=h.lr, fused=h.fused_optimizer or None)
-        total = self.trainer.estimated_stepping_batches
-        warmup = math.ceil(h.warmup_ratio * total) if h.warmup_ratio is not None else h.warmup_steps
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(h.scheduler, warmup, total))
+        optimizer = adamw(self.named_parameters(), h.lr, h.weight_decay, h.decay_bias_and_norm, h.fused_optimizer)
+        schedule = step_schedule(optimizer, h.scheduler, h.warmup_steps, h.warmup_ratio,
+                                 self.trainer.estimated_stepping_batches)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
@@ -171,20 +165,6 @@ class SentenceEmbedder(L.LightningModule):
             scaler.unscale_(optimizer)
         norm = torch.nn.utils.clip_grad_norm_(self.parameters(), self.hparams.max_grad_norm)
         self.log("train/grad_norm", norm, batch_size=1)
-
-
-def lr_multiplier(kind: str, warmup: int, total: int):
-    """The learning-rate multiplier at optimizer step s: linear warmup over `warmup` steps, then linear decay to
-    0 at step `total` (Hugging Face's get_linear_schedule_with_warmup) or constant."""
-
-    def multiplier(step: int) -> float:
-        if step < warmup:
-            return step / max(1, warmup)
-        if kind == "constant":
-            return 1.0
-        return max(0.0, (total - step) / max(1, total - warmup))
-
-    return multiplier
 
 
 def upgrade_state_dict(state: dict) -> dict:

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from minilm_sts.datamodule import PairDataModule
-from minilm_sts.module import SentenceEmbedder, lr_multiplier
+from minilm_sts.module import SentenceEmbedder
+from minilm_sts.optimization import lr_multiplier
 from minilm_sts.module_callbacks import RunRecord, SkippedStepCounter
 
 
