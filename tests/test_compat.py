@@ -54,7 +54,7 @@ def test_loop_progress_and_step_loss_read_as_assumed(tiny_model_dir, pair_files)
     model = LossKeepingEmbedder(pretrained=str(tiny_model_dir))
     model.returned = []
     probe = Probe()
-    data = PairDataModule(str(pair_files["train"]), str(pair_files["val"]), None, batch_size=8)
+    data = PairDataModule(str(pair_files["train"]), str(pair_files["val"]), None, batch_size=8, forgetting_guard=False)
     trainer = L.Trainer(max_epochs=1, accumulate_grad_batches=2, val_check_interval=2, check_val_every_n_epoch=None,
                         callbacks=[probe], logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         num_sanity_val_steps=0)
