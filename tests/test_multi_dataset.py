@@ -47,7 +47,8 @@ def test_the_forgetting_guard_joins_the_validation_sets_only_when_training_on_ot
     unguarded = [(("val",), PairDataModule(train, val, None, forgetting_guard=False)),  # switched off
                  (("val",), PairDataModule(["builtin:stsb/train", train], val, None)),  # training on STS-B
                  (("mine", "dev"), PairDataModule(train, {"mine": val, "dev": "builtin:stsb/dev"}, None)),  # validated on
-                 (("val",), PairDataModule(None, val, None))]  # not training
+                 (("val",), PairDataModule(None, val, None)),  # not training
+                 ((), PairDataModule(train, None, None))]  # not validating
     for names, data in unguarded:
         assert data.guard is None and tuple(data.sources["val"]) == names
     with pytest.raises(PairDataError, match="named 'stsb', the name of the forgetting guard"):
