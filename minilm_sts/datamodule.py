@@ -354,8 +354,8 @@ class PairDataModule(L.LightningDataModule):
 def _guard_applies(sources: dict[str, dict[str, str]]) -> bool:
     """The guard watches what training on other data may cost: it needs training and the user's own validation
     sets (the first stays monitored), and it is redundant when STS-B is already trained or validated on."""
-    return bool(sources["train"] and sources["val"]) and not any(_is_packaged_stsb(source) for split in ("train", "val")
-                                            for source in sources[split].values())
+    known = [*sources["train"].values(), *sources["val"].values()]
+    return bool(sources["train"] and sources["val"]) and not any(_is_packaged_stsb(source) for source in known)
 
 
 def _is_packaged_stsb(source: str) -> bool:
