@@ -79,8 +79,9 @@ class LastCheckpoint(ModelCheckpoint):
         super().__init__(save_last=save_last, save_top_k=save_top_k, every_n_train_steps=every_n_train_steps, **kwargs)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # Also when the step's periodic save came first: that one holds the state before this validation.
-        if trainer.state.fn == "fit" and not trainer.sanity_checking and not trainer.fast_dev_run:
+        # Also when the step's periodic save came first: that one holds the state before this validation. Not at
+        # step 0 (the validation before training): as for ModelCheckpoint, there is nothing trained to save.
+        if trainer.state.fn == "fit" and trainer.global_step and not trainer.sanity_checking and not trainer.fast_dev_run:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

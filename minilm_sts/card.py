@@ -6,7 +6,7 @@ from __future__ import annotations
 import inspect
 import json
 
-from minilm_sts.datamodule import PairDataModule
+from minilm_sts.datamodule import GUARD_NAME, GUARD_SOURCE, PairDataModule
 from minilm_sts.losses import LOSSES
 
 # Each loss as sentence-transformers' equivalent class and the parameters its cards list beside ours.
@@ -154,7 +154,17 @@ def _evaluation(run) -> str:
     binary = any("cosine_ap" in metrics for _, metrics in final)
     text = f"{CORRELATION_TEXT}; {BINARY_TEXT}" if binary else CORRELATION_TEXT
     return (f"## Evaluation\n\n### Metrics\n\nComputed over each whole evaluation set: {text}.\n\n"
-            + header + "\n" + "\n".join(rows))
+            + header + "\n" + "\n".join(rows) + _guard_line(run))
+
+
+def _guard_line(run) -> str:
+    """The forgetting guard's Spearman before the first step and at the last validation, when the run had both."""
+    before = run.get("before_training", {}).get(GUARD_NAME)
+    after = run.get("evaluation", {}).get("val", {}).get(GUARD_NAME)
+    if not before or not after or not run.get("log"):
+        return ""
+    return (f"\n\n**Forgetting guard:** STS-B dev (`{GUARD_SOURCE}`) spearman_cosine {before['spearman_cosine']:.4f} "
+            f"before training → {after['spearman_cosine']:.4f} after (step {run['log'][-1]['step']}).")
 
 
 def _training(model, run, train) -> str:

@@ -69,3 +69,17 @@ def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     Relies on torch's private operator `torch.ops.mkldnn._linear_pointwise` and its argument list
     (input, weight, bias, post-op name, post-op scalars, post-op algorithm)."""
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+def validate_within_fit(trainer) -> None:
+    """Run the fit's validation loop once, now (from `on_train_start`, before any step), as the training loop
+    does between batches: its metrics are logged at the current step and every validation hook runs.
+
+    Relies on `trainer.fit_loop.epoch_loop.val_loop` (set up by the time `on_train_start` runs), the
+    `trainer.validating` / `trainer.training` stage flags, and the logger connector's private
+    `_first_loop_iter`, which the training loop saves and restores around its own validations."""
+    first_loop_iter = trainer._logger_connector._first_loop_iter
+    trainer.validating = True
+    trainer.fit_loop.epoch_loop.val_loop.run()
+    trainer.training = True
+    trainer._logger_connector._first_loop_iter = first_loop_iter

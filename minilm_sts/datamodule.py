@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from minilm_sts.compat import epoch_batches_trained, receive_set_epoch
 from minilm_sts.pairs import PairDataError, ReadOptions, read_pairs
-from minilm_sts.sources import parse_source
+from minilm_sts.sources import FileSource, builtin_path, parse_source
 from minilm_sts.tokenized import TokenizedPairs, load_tokenized
 
 
@@ -220,6 +220,7 @@ def named_sources(paths: Union[str, list[str], dict[str, str], None]) -> dict[st
 
 
 SPLITS = ("train", "val", "test")
+GUARD_NAME, GUARD_SOURCE = "stsb", "builtin:stsb/dev"  # the forgetting guard: `val/stsb/...`
 CARD_STATS_ROWS = 1000  # sentence-transformers <= 5.4 describe a dataset by its first 1000 rows
 CARD_SAMPLE_ROWS = 3
 
@@ -258,6 +259,10 @@ class PairDataModule(L.LightningDataModule):
             checkpoint selection uses (default: the first).
         drop_invalid: leave out rows with an empty sentence or a bad label instead of stopping (counted and
             reported). Off by default: bad input is an error.
+        forgetting_guard: when training on anything but STS-B, also validate on the packaged STS-B dev set
+            (`val/stsb/...`, read with its own labels in [0, 1], never monitored unless `monitor_val` names it),
+            once before the first step too, so a run shows whether training cost general similarity. Not added
+            when a training or validation set already is a packaged STS-B split.
     """
 
     def __init__(
@@ -274,6 +279,7 @@ class PairDataModule(L.LightningDataModule):
         multi_dataset_sampler: Literal["round_robin", "proportional"] = "round_robin",
         monitor_val: Optional[str] = None,
         drop_invalid: bool = False,
+        forgetting_guard: bool = True,
     ):
         super().__init__()
         if batch_size < 1:
@@ -285,6 +291,12 @@ class PairDataModule(L.LightningDataModule):
         self.max_seq_length: Optional[int] = None
         self.in_batch_negatives = False
         self.sources = {split: named_sources(getattr(self.hparams, f"{split}_path")) for split in SPLITS}
+        self.guard = GUARD_NAME if forgetting_guard and _guard_applies(self.sources) else None
+        if self.guard:
+            if self.guard in self.sources["val"]:
+                raise PairDataError(f"a validation set is named {self.guard!r}, the name of the forgetting guard "
+                                    f"({GUARD_SOURCE}); rename it or set forgetting_guard false")
+            self.sources["val"][self.guard] = GUARD_SOURCE  # last: the first set stays the monitored one
         if monitor_val is not None and monitor_val not in self.sources["val"]:
             raise PairDataError(f"monitor_val {monitor_val!r} is not a validation set; they are {list(self.sources['val'])}")
         self.datasets: dict[str, dict[str, PairDataset]] = {}
@@ -304,15 +316,20 @@ class PairDataModule(L.LightningDataModule):
             if split not in self.datasets:
                 if not self.sources[split]:
                     raise PairDataError(f"no {split} data: set --data.{split}_path")
-                self.datasets[split] = {name: self._load(split, source) for name, source in self.sources[split].items()}
+                self.datasets[split] = {name: self._load(split, name) for name in self.sources[split]}
 
-    def _read_options(self) -> ReadOptions:
+    def _read_options(self, split: str, name: str) -> ReadOptions:
+        """The user's column, label and drop options apply to the user's sets; the guard set is packaged, with
+        its own columns and labels already in [0, 1]."""
+        if split == "val" and name == self.guard:
+            return ReadOptions()
         h = self.hparams
         return ReadOptions(sentence_columns=h.sentence_columns, label_column=h.label_column, label_scale=h.label_scale,
                            drop_invalid=h.drop_invalid)
 
-    def _load(self, split: str, source: str) -> PairDataset:
-        pairs = load_tokenized(source, self.tokenizer, self.max_seq_length, self._read_options())
+    def _load(self, split: str, name: str) -> PairDataset:
+        source = self.sources[split][name]
+        pairs = load_tokenized(source, self.tokenizer, self.max_seq_length, self._read_options(split, name))
         if split != "train":
             _check_correlation_defined(source, pairs)
         rank_zero_info(f"{split}: {len(pairs):,} pairs from {source}; {pairs.at_max_length} sentence(s) reached "
@@ -333,13 +350,13 @@ class PairDataModule(L.LightningDataModule):
         """What a model card says about each dataset of a split: size, columns, tokens per sentence (special
         tokens included, after truncation) and label statistics over the first 1000 pairs, and the first rows.
         Columns and rows come from reading the source again: the token cache keeps only tokens and labels."""
-        return [self._describe(self.sources[split][name], dataset) for name, dataset in self.datasets[split].items()]
+        return [self._describe(split, name, dataset) for name, dataset in self.datasets[split].items()]
 
-    def _describe(self, source: str, dataset: PairDataset) -> dict:
-        pairs = dataset.pairs
+    def _describe(self, split: str, name: str, dataset: PairDataset) -> dict:
+        source, pairs = self.sources[split][name], dataset.pairs
         with warnings.catch_warnings():  # rows dropped under drop_invalid were reported when the data loaded
             warnings.simplefilter("ignore")
-            table = read_pairs(source, self._read_options())
+            table = read_pairs(source, self._read_options(split, name))
         rows = min(len(pairs), CARD_STATS_ROWS)
         lengths = np.diff(pairs.offsets[: 2 * rows + 1])
         column_a, column_b, label = table.columns
@@ -417,6 +434,18 @@ def _positive_pairs(source: str, pairs: TokenizedPairs) -> PairDataset:
     rank_zero_info(f"train: {len(pairs) - len(positive):,} rows labelled 0 left out of {source}: a loss with in-batch "
                    "negatives uses positive pairs only")
     return PairDataset(pairs, positive)
+
+
+def _guard_applies(sources: dict[str, dict[str, str]]) -> bool:
+    """The guard watches what training on other data may cost: it needs training and the user's own validation
+    sets (the first stays monitored), and it is redundant when STS-B is already trained or validated on."""
+    known = [*sources["train"].values(), *sources["val"].values()]
+    return bool(sources["train"] and sources["val"]) and not any(_is_packaged_stsb(source) for source in known)
+
+
+def _is_packaged_stsb(source: str) -> bool:
+    parsed = parse_source(source)
+    return isinstance(parsed, FileSource) and parsed.path.parent == builtin_path("stsb/dev").parent
 
 
 def _check_correlation_defined(source: str, pairs: TokenizedPairs) -> None:

@@ -14,7 +14,7 @@ from minilm_sts.encoder import BertConfig, BertModel
 from minilm_sts.errors import UserInputError
 from minilm_sts.losses import LOSSES, build_loss
 from minilm_sts.module_callbacks import (NonFiniteLoss, NonFiniteLossCheckpoint, RandomStreamOnResume, RunRecord,
-                                         SkippedStepCounter, SplitEvaluation)
+                                         SkippedStepCounter, SplitEvaluation, ValidateBeforeTraining)
 from minilm_sts.optimization import adamw, step_schedule
 from minilm_sts.pretrained import DEFAULT_MODEL
 
@@ -74,8 +74,8 @@ class SentenceEmbedder(L.LightningModule):
             bert = BertModel(BertConfig.from_dict(encoder_config))
             self.embedder = SentenceEncoder(bert, None, max_seq_length, compile, pretrained)
         # Made once, so that a test after a fit in the same trainer adds to the same run record.
-        self._callbacks = [SplitEvaluation(), RunRecord(), RandomStreamOnResume(), NonFiniteLossCheckpoint(),
-                           SkippedStepCounter()]
+        self._callbacks = [SplitEvaluation(), RunRecord(), ValidateBeforeTraining(), RandomStreamOnResume(),
+                           NonFiniteLossCheckpoint(), SkippedStepCounter()]
 
     # ----- tokenizer and inference -----------------------------------------------------------------------------
 

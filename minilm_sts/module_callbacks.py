@@ -3,6 +3,7 @@ line or from plain Lightning has them all:
 
 * `SplitEvaluation` scores validation and test splits whole and logs their metrics;
 * `RunRecord` keeps what the model card states about the run;
+* `ValidateBeforeTraining` validates the base model once before the first step when the forgetting guard is on;
 * `RandomStreamOnResume` continues the random stream where a checkpoint left it;
 * `NonFiniteLossCheckpoint` saves the state when the loss turns NaN or infinite (`NonFiniteLoss`);
 * `SkippedStepCounter` counts the optimizer steps that fp16 loss scaling skipped.
@@ -19,9 +20,10 @@ import platform
 from typing import Optional
 
 import lightning as L
+from lightning.pytorch.utilities.seed import isolate_rng
 import torch
 
-from minilm_sts.compat import epoch_batch_index, step_loss
+from minilm_sts.compat import epoch_batch_index, step_loss, validate_within_fit
 from minilm_sts.datamodule import PairDataModule
 from minilm_sts.evaluation import PairScores, ScoredSet
 from minilm_sts.run_folder import save_emergency_checkpoint
@@ -88,11 +90,33 @@ def _set_names(trainer: L.Trainer, stage: str, count: int) -> list[str]:
     return [stage] if count == 1 else [f"dataloader_{i}" for i in range(count)]
 
 
+class ValidateBeforeTraining(ModuleCallback):
+    """When PairDataModule's forgetting guard is on, validates every set once as a fresh fit starts, before the
+    first step, so the base model's scores are logged at step 0 and the run shows them beside the trained ones
+    (`RunRecord` keeps them as `before_training`). The pass leaves the random stream as it found it, so training
+    is the same with or without it; a resumed fit does not repeat it."""
+
+    def __init__(self):
+        self.running = False
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        data = trainer.datamodule
+        if not isinstance(data, PairDataModule) or data.guard is None or trainer.ckpt_path or trainer.global_step:
+            return
+        self.running = True
+        try:
+            with isolate_rng():  # a loader without its own generator would draw its seed from the global stream
+                validate_within_fit(trainer)
+        finally:
+            self.running = False
+
+
 class RunRecord(ModuleCallback):
     """What the model card states about a run, in plain values: the datasets (size, token and label statistics,
     sample rows), the data and trainer settings, the checkpoint monitor, framework versions, a row per
     validation (epoch, step, mean training loss since the previous validation, the monitored set's metrics),
-    and every evaluation set's latest metrics (`evaluation[stage][set]`)."""
+    every evaluation set's latest metrics (`evaluation[stage][set]`) and, when the base model was validated
+    before training, every set's metrics then (`before_training[set]`)."""
 
     def __init__(self):
         self.record: dict = {"datasets": {}, "log": [], "evaluation": {}}
@@ -116,6 +140,9 @@ class RunRecord(ModuleCallback):
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         sets = SplitEvaluation.of(trainer).latest.get("val")
         if trainer.sanity_checking or trainer.state.fn != "fit" or not sets:
+            return
+        if ValidateBeforeTraining.of(trainer).running:
+            self.record["before_training"] = {name: scored.metrics for name, scored in sets.items()}
             return
         losses, self._losses = self._losses, []
         epoch = trainer.current_epoch + (epoch_batch_index(trainer) + 1) / max(1, trainer.num_training_batches)

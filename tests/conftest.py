@@ -96,7 +96,7 @@ def trained_checkpoint(tiny_model_dir, pair_files, tmp_path):
 
     L.seed_everything(0)
     model = SentenceEmbedder(pretrained=str(tiny_model_dir))
-    data = PairDataModule(str(pair_files["train"]), str(pair_files["val"]), None, batch_size=8)
+    data = PairDataModule(str(pair_files["train"]), str(pair_files["val"]), None, batch_size=8, forgetting_guard=False)
     trainer = L.Trainer(max_epochs=1, val_check_interval=2, check_val_every_n_epoch=None, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, num_sanity_val_steps=0)
     trainer.fit(model, data)

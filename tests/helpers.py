@@ -37,12 +37,13 @@ def cli(*args: str, cwd: Path = ROOT, check: bool = True) -> subprocess.Complete
     return result
 
 
-def run(model_dir, pair_files, root, ckpt_path=None, callbacks=(), checkpoint_every=1):
+def run(model_dir, pair_files, root, ckpt_path=None, callbacks=(), checkpoint_every=1, forgetting_guard=False):
     """Two epochs of 5 steps (40 pairs, batch 8) validating every 3 steps, `last.ckpt` every `checkpoint_every`
     steps in `root`: the run that resume tests interrupt and continue. Returns (model, trainer)."""
     L.seed_everything(42)
     model = SentenceEmbedder(pretrained=str(model_dir), lr=1e-3)
-    data = PairDataModule(str(pair_files["train"]), str(pair_files["val"]), None, batch_size=8)
+    data = PairDataModule(str(pair_files["train"]), str(pair_files["val"]), None, batch_size=8,
+                          forgetting_guard=forgetting_guard)
     checkpoint = ModelCheckpoint(dirpath=root, save_top_k=0, save_last=True, every_n_train_steps=checkpoint_every)
     trainer = L.Trainer(max_epochs=2, val_check_interval=3, check_val_every_n_epoch=None, logger=False,
                         callbacks=[*callbacks, checkpoint], enable_progress_bar=False, num_sanity_val_steps=0)

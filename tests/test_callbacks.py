@@ -1,5 +1,6 @@
-"""The callbacks the command-line recipes add: the start-up line naming the bound that ends a fit, and
-`last.ckpt` saved on SIGTERM (preemption) from which a resume matches an uninterrupted run."""
+"""The callbacks the command-line recipes add: the start-up line naming the bound that ends a fit, `last.ckpt`
+(not written by the validation before training), and `last.ckpt` saved on SIGTERM (preemption) from which a resume
+matches an uninterrupted run."""
 
 import os
 import signal
@@ -9,7 +10,10 @@ import pytest
 import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from minilm_sts.callbacks import SaveOnTerminate, training_length
+from minilm_sts.callbacks import LastCheckpoint, SaveOnTerminate, training_length
+from minilm_sts.datamodule import PairDataModule
+from minilm_sts.module import SentenceEmbedder
+from minilm_sts.module_callbacks import RunRecord
 
 from helpers import run
 
@@ -43,3 +47,23 @@ def test_sigterm_saves_last_checkpoint_and_resume_matches(tiny_model_dir, pair_f
     assert trainer.global_step == 10
     for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-6), name
+
+
+class LastCheckpointBeforeFirstStep(L.Callback):
+    def __init__(self, path):
+        self.path, self.existed = path, None
+
+    def on_train_batch_start(self, trainer, *args) -> None:
+        if trainer.global_step == 0:
+            self.existed = self.path.exists()
+
+
+def test_last_checkpoint_is_not_written_by_the_validation_before_training(tiny_model_dir, pair_files, tmp_path):
+    probe = LastCheckpointBeforeFirstStep(tmp_path / "last.ckpt")
+    data = PairDataModule(str(pair_files["train"]), str(pair_files["val"]), None, batch_size=8)  # guarded
+    trainer = L.Trainer(max_steps=1, callbacks=[probe, LastCheckpoint(dirpath=tmp_path, every_n_train_steps=None)],
+                        logger=False, enable_progress_bar=False, num_sanity_val_steps=0)
+    trainer.fit(SentenceEmbedder(pretrained=str(tiny_model_dir)), data)
+    assert "stsb" in RunRecord.of(trainer).record["before_training"]  # the validation before training ran
+    assert probe.existed is False  # and wrote nothing: no step was trained
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == 1  # the end of training did

@@ -60,7 +60,7 @@ def test_every_metric_of_every_set_and_the_monitored_one_in_bold(tiny_model_dir,
     L.seed_everything(0)
     model = SentenceEmbedder(pretrained=str(tiny_model_dir), lr=1e-3)
     data = PairDataModule(str(pair_files["train"]), {"duplicates": str(duplicates), "graded": str(pair_files["val"])},
-                          str(pair_files["val"]), batch_size=8)
+                          str(pair_files["val"]), batch_size=8, forgetting_guard=False)
     best = ModelCheckpoint(dirpath=tmp_path, monitor="val/cosine_ap", mode="max", filename="best")
     trainer = L.Trainer(max_epochs=1, val_check_interval=2, check_val_every_n_epoch=None, logger=False,
                         callbacks=[best], enable_progress_bar=False, num_sanity_val_steps=0)

@@ -78,7 +78,7 @@ def test_fit_runs_twice_in_one_folder_with_offline_wandb(tiny_model_dir, pair_fi
         assert cli_config["model"]["lr"] == 1e-3 and cli_config["data"]["batch_size"] == 8  # the resolved config
         assert cli_config["trainer"]["val_check_interval"] == 2 and cli_config["checkpoint"]["mode"] == "max"
         assert {"train/loss", "train/lr", "train/grad_norm", "train/pairs_per_sec", "train/tokens_per_sec",
-                "val/pearson_cosine", "val/spearman_cosine", "trainer/global_step"} <= metrics
+                "val/pearson_cosine", "val/spearman_cosine", "val/stsb/spearman_cosine", "trainer/global_step"} <= metrics
         assert any(key.startswith("val/cosine_vs_label") for key in metrics)
         output = result.stdout + result.stderr
         assert f"W&B run (offline): upload it with `wandb sync {run_files[-1].parent.relative_to(tmp_path)}`" in result.stdout
@@ -94,13 +94,13 @@ def test_fit_runs_twice_in_one_folder_with_offline_wandb(tiny_model_dir, pair_fi
         assert not [n for n in names if n.startswith("last-v")]  # one last.ckpt, not one per callback
         last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
         assert last["global_step"] == 5  # the run's final step (40 pairs in batches of 8), not the last 200th
-        assert {"cosine_vs_label_step2.png", "cosine_vs_label_step4.png"} <= names
+        assert {"cosine_vs_label_step0.png", "cosine_vs_label_step2.png", "cosine_vs_label_step4.png"} <= names
 
 
 def test_logger_can_be_switched_off(tiny_model_dir, pair_files, tmp_path):
     cli("fit", "--model.pretrained", str(tiny_model_dir), "--data.train_path", str(pair_files["train"]),
         "--data.val_path", str(pair_files["val"]), "--trainer.max_steps", "1", "--trainer.logger", "false",
-        "--trainer.enable_progress_bar", "false", cwd=tmp_path)
+        "--trainer.enable_progress_bar", "false", "--data.forgetting_guard", "false", cwd=tmp_path)
     assert not (tmp_path / "runs" / "wandb").exists()
     assert any((tmp_path / "runs").rglob("last.ckpt"))
 
@@ -116,7 +116,8 @@ def test_bad_data_fails_before_training(tiny_model_dir, pair_files, tmp_path):
 
 
 def tiny_fit_args(tiny_model_dir, pair_files) -> list[str]:
-    return ["--model.pretrained", str(tiny_model_dir), "--data.batch_size", "8", "--trainer.enable_progress_bar", "false"]
+    return ["--model.pretrained", str(tiny_model_dir), "--data.batch_size", "8", "--trainer.enable_progress_bar", "false",
+            "--data.forgetting_guard", "false"]
 
 
 def write_user_recipe(folder: Path, pair_files) -> Path:

@@ -1,9 +1,12 @@
 """Each framework internal that minilm_sts.compat relies on still exists and behaves as assumed, and pyproject
 bounds torch and Lightning to versions this suite has run with. An upgrade that breaks one fails here by name."""
 
+import csv
 import re
+from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.loggers import CSVLogger
 import pytest
 import torch
 import torch.nn.functional as F
@@ -54,7 +57,7 @@ def test_loop_progress_and_step_loss_read_as_assumed(tiny_model_dir, pair_files)
     model = LossKeepingEmbedder(pretrained=str(tiny_model_dir))
     model.returned = []
     probe = Probe()
-    data = PairDataModule(str(pair_files["train"]), str(pair_files["val"]), None, batch_size=8)
+    data = PairDataModule(str(pair_files["train"]), str(pair_files["val"]), None, batch_size=8, forgetting_guard=False)
     trainer = L.Trainer(max_epochs=1, accumulate_grad_batches=2, val_check_interval=2, check_val_every_n_epoch=None,
                         callbacks=[probe], logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         num_sanity_val_steps=0)
@@ -62,6 +65,27 @@ def test_loop_progress_and_step_loss_read_as_assumed(tiny_model_dir, pair_files)
     assert [row[:4] for row in probe.at_batch_end] == [(i, i, i + 1, i + 1) for i in range(5)]
     assert [row[4] for row in probe.at_batch_end] == pytest.approx(model.returned, rel=1e-6)
     assert probe.at_validation[0][0] == probe.at_validation[0][1] < 4  # a validation inside the epoch
+
+
+class ValidateAtStart(L.Callback):
+    def on_train_start(self, trainer, pl_module) -> None:
+        compat.validate_within_fit(trainer)
+        self.stage_and_mode_after = (trainer.training, trainer.validating, pl_module.training)
+
+
+def test_validate_within_fit_logs_a_validation_at_step_0_and_returns_to_training(tiny_model_dir, pair_files, tmp_path):
+    probe = ValidateAtStart()
+    data = PairDataModule(str(pair_files["train"]), str(pair_files["val"]), None, batch_size=8, forgetting_guard=False)
+    trainer = L.Trainer(max_steps=2, val_check_interval=2, check_val_every_n_epoch=None, callbacks=[probe],
+                        logger=CSVLogger(tmp_path), enable_checkpointing=False, enable_progress_bar=False,
+                        num_sanity_val_steps=0)
+    trainer.fit(SentenceEmbedder(pretrained=str(tiny_model_dir)), data)
+    assert probe.stage_and_mode_after == (True, False, True)
+    with open(Path(trainer.logger.log_dir) / "metrics.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    steps = [int(row["step"]) for row in rows if row.get("val/spearman_cosine")]
+    assert steps[0] == 0 and len(steps) == 2  # before the first step, then after the second
+    assert trainer.global_step == 2
 
 
 def test_lightning_sets_the_epoch_of_a_batch_sampler_through_receive_set_epoch():

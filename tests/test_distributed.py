@@ -27,7 +27,8 @@ def test_ddp_fit_and_validation_equal_single_process(tiny_model_dir, pair_files,
     binary13 = write_tsv(tmp_path / "binary13.tsv", [[a, b, float(float(label) >= 0.5)] for a, b, label in rows])
     val_sets = f"{{graded: {val13}, duplicates: {binary13}}}"
     common = ["--model.pretrained", str(tiny_model_dir), "--data.train_path", str(pair_files["train"]),
-              "--data.val_path", val_sets, "--data.test_path", "null", "--data.batch_size", "4", *CSV_LOGGER]
+              "--data.val_path", val_sets, "--data.test_path", "null", "--data.batch_size", "4", *CSV_LOGGER,
+              "--data.forgetting_guard", "false"]
     cli("fit", *common, *DDP, "--trainer.max_steps", "3", "--trainer.val_check_interval", "3",
         "--trainer.default_root_dir", "runs", cwd=tmp_path)
     checkpoint = next((tmp_path / "runs").rglob("last.ckpt"))

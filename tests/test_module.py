@@ -52,7 +52,7 @@ def test_warmup_steps_and_ratio_are_exclusive(tiny_model_dir):
 def fit_one_step(model_dir, pair_files, tmp_path, **trainer_args):
     L.seed_everything(0)
     model = SentenceEmbedder(pretrained=str(model_dir))
-    data = PairDataModule(str(pair_files["train"]), str(pair_files["val"]), None, batch_size=40)
+    data = PairDataModule(str(pair_files["train"]), str(pair_files["val"]), None, batch_size=40, forgetting_guard=False)
     trainer = L.Trainer(max_steps=1, logger=L.pytorch.loggers.CSVLogger(tmp_path), limit_val_batches=0,
                         enable_checkpointing=False, enable_progress_bar=False, log_every_n_steps=1, **trainer_args)
     trainer.fit(model, data)
@@ -77,7 +77,7 @@ def test_fp16_skipped_steps_are_counted(tiny_model_dir, pair_files, tmp_path):
     from lightning.pytorch.plugins.precision import MixedPrecision
 
     model = SentenceEmbedder(pretrained=str(tiny_model_dir))
-    data = PairDataModule(str(pair_files["train"]), str(pair_files["val"]), None, batch_size=8)
+    data = PairDataModule(str(pair_files["train"]), str(pair_files["val"]), None, batch_size=8, forgetting_guard=False)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40)  # overflows fp16 gradients at first
     trainer = L.Trainer(max_steps=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         num_sanity_val_steps=0, limit_val_batches=0, plugins=[MixedPrecision("16-mixed", "cpu", scaler)])
@@ -93,7 +93,8 @@ def test_same_seed_same_metrics_with_or_without_workers(tiny_model_dir, pair_fil
     def fit(num_workers):
         L.seed_everything(42)
         model = SentenceEmbedder(pretrained=str(tiny_model_dir), lr=1e-3)
-        data = PairDataModule(str(pair_files["train"]), str(pair_files["val"]), None, batch_size=8, num_workers=num_workers)
+        data = PairDataModule(str(pair_files["train"]), str(pair_files["val"]), None, batch_size=8, num_workers=num_workers,
+                              forgetting_guard=False)
         trainer = L.Trainer(max_epochs=2, val_check_interval=5, check_val_every_n_epoch=None, logger=False,
                             enable_checkpointing=False, enable_progress_bar=False, num_sanity_val_steps=0)
         trainer.fit(model, data)

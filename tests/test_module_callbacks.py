@@ -1,9 +1,18 @@
 """The callbacks every SentenceEmbedder brings: whole-split evaluation with the metrics that fit each set, the
-run record, and the checkpoint on a non-finite loss. (Resume, with the random stream, is in test_resume.py.)"""
+run record, the validation before training that the forgetting guard asks for, and the checkpoint on a non-finite
+loss. (Resume, with the random stream, is in test_resume.py.)"""
+
+import csv
+from pathlib import Path
 
 import lightning as L
+from lightning import Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
 import pytest
 import torch
+
+from minilm_sts.card import render_model_card
 
 from minilm_sts.datamodule import PairDataModule
 from minilm_sts.evaluation import binary_classification
@@ -22,7 +31,7 @@ def test_a_binary_set_logs_classification_metrics_without_being_asked(tiny_model
                                                          zip(graded.sentences_a, graded.sentences_b, graded.labels)])
     model = SentenceEmbedder(pretrained=str(tiny_model_dir))
     data = PairDataModule(str(pair_files["train"]), {"graded": str(pair_files["val"]), "duplicates": str(duplicates)},
-                          None, batch_size=8)
+                          None, batch_size=8, forgetting_guard=False)
     trainer = L.Trainer(max_steps=2, val_check_interval=2, check_val_every_n_epoch=None, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, num_sanity_val_steps=0)
     trainer.fit(model, data)
@@ -65,9 +74,57 @@ def test_non_finite_loss_stops_with_step_batch_and_checkpoint(tiny_model_dir, pa
     model = SentenceEmbedder(pretrained=str(tiny_model_dir))
     with torch.no_grad():
         model.embedder.bert.encoder.layer[0].output.dense.weight[0, 0] = float("nan")
-    data = PairDataModule(str(pair_files["train"]), str(pair_files["val"]), None, batch_size=8)
+    data = PairDataModule(str(pair_files["train"]), str(pair_files["val"]), None, batch_size=8, forgetting_guard=False)
     trainer = L.Trainer(max_steps=3, logger=False, default_root_dir=tmp_path, enable_progress_bar=False,
                         num_sanity_val_steps=0, enable_checkpointing=False)
     with pytest.raises(FloatingPointError, match=r"loss is nan at step 0 \(epoch 0, batch 0\)") as err:
         trainer.fit(model, data)
     assert (tmp_path / "non-finite-loss-step0.ckpt").is_file() and "non-finite-loss-step0.ckpt" in str(err.value)
+
+
+def guarded_fit(model_dir, pair_files, root, forgetting_guard=True):
+    """Two steps on the small pair files, validating after the second, logged to CSV in `root`."""
+    L.seed_everything(0)
+    model = SentenceEmbedder(pretrained=str(model_dir), lr=1e-3)
+    data = PairDataModule(str(pair_files["train"]), str(pair_files["val"]), None, batch_size=8,
+                          forgetting_guard=forgetting_guard)
+    best = ModelCheckpoint(dirpath=root, monitor="val/spearman_cosine", mode="max", filename="best")
+    trainer = L.Trainer(max_steps=2, val_check_interval=2, check_val_every_n_epoch=None, logger=CSVLogger(root),
+                        callbacks=[best], enable_progress_bar=False, num_sanity_val_steps=0)
+    trainer.fit(model, data)
+    with open(Path(trainer.logger.log_dir) / "metrics.csv", newline="") as handle:
+        return model, trainer, list(csv.DictReader(handle))
+
+
+def test_the_forgetting_guard_is_validated_before_and_after_training_and_changes_nothing_else(
+        tiny_model_dir, pair_files, tmp_path):
+    model, trainer, rows = guarded_fit(tiny_model_dir, pair_files, tmp_path / "guarded")
+    validations = [row for row in rows if row.get("val/stsb/spearman_cosine")]
+    assert [int(row["step"]) for row in validations][0] == 0 and len(validations) == 2  # before the first step, after
+    assert all(row["val/spearman_cosine"] == row["val/val/spearman_cosine"] for row in validations)  # the user's set
+    assert list(SplitEvaluation.of(trainer).latest["val"]) == ["val", "stsb"]
+    record = RunRecord.of(trainer).record
+    assert [row["step"] for row in record["log"]] == [2]  # the training log holds trained steps only
+    assert record["before_training"]["stsb"]["spearman_cosine"] == pytest.approx(
+        float(validations[0]["val/stsb/spearman_cosine"]))
+    assert record["evaluation"]["val"]["stsb"]["spearman_cosine"] == pytest.approx(
+        float(validations[1]["val/stsb/spearman_cosine"]))
+    assert [d["source"] for d in record["datasets"]["val"]] == [str(pair_files["val"]), "builtin:stsb/dev"]
+
+    base = Trainer(logger=False, enable_progress_bar=False)  # the pass before training scored the base model
+    base.validate(SentenceEmbedder(pretrained=str(tiny_model_dir)), PairDataModule(
+        str(pair_files["train"]), str(pair_files["val"]), None, batch_size=8), verbose=False)
+    assert record["before_training"] == {name: s.metrics for name, s in SplitEvaluation.of(base).latest["val"].items()}
+
+    unguarded, plain_trainer, plain_rows = guarded_fit(tiny_model_dir, pair_files, tmp_path / "plain", False)
+    assert not any(key.startswith("val/stsb/") for row in plain_rows for key, value in row.items() if value)
+    assert "before_training" not in RunRecord.of(plain_trainer).record
+    for (name, a), b in zip(model.state_dict().items(), unguarded.state_dict().values()):  # dropout drew the same
+        assert torch.equal(a, b), name
+    assert RunRecord.of(plain_trainer).record["log"] == record["log"]
+
+    card = render_model_card(model, record)
+    before, after = record["before_training"]["stsb"], record["evaluation"]["val"]["stsb"]
+    assert (f"**Forgetting guard:** STS-B dev (`builtin:stsb/dev`) spearman_cosine {before['spearman_cosine']:.4f} "
+            f"before training → {after['spearman_cosine']:.4f} after (step 2).") in card
+    assert "Forgetting guard" not in render_model_card(unguarded, RunRecord.of(plain_trainer).record)

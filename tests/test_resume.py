@@ -44,6 +44,30 @@ def test_resume_mid_epoch_equals_uninterrupted(tiny_model_dir, pair_files, tmp_p
     assert_same_run(full, full_trainer, resumed, resumed_trainer)
 
 
+def test_a_guarded_run_resumes_without_validating_before_training_again(tiny_model_dir, pair_files, tmp_path):
+    """The validation before the first step belongs to the fresh run: a resumed one keeps its numbers from the
+    checkpoint and ends as the uninterrupted run does."""
+    full, full_trainer = run(tiny_model_dir, pair_files, tmp_path / "full", forgetting_guard=True)
+    with pytest.raises(Crash):
+        run(tiny_model_dir, pair_files, tmp_path / "part", callbacks=[CrashAtStep(8)], forgetting_guard=True)
+    before = RunRecord.of(full_trainer).record["before_training"]
+    assert read_run_record(torch.load(tmp_path / "part" / "last.ckpt", weights_only=True))["before_training"] == before
+    validations = []
+    resumed, resumed_trainer = run(tiny_model_dir, pair_files, tmp_path / "part", ckpt_path=tmp_path / "part" / "last.ckpt",
+                                   callbacks=[StepsValidated(validations)], forgetting_guard=True)
+    assert validations == [9]  # none at step 7, where it resumed: only the run's own, every 3 steps
+    assert RunRecord.of(resumed_trainer).record["before_training"] == before
+    assert_same_run(full, full_trainer, resumed, resumed_trainer)
+
+
+class StepsValidated(L.Callback):
+    def __init__(self, steps: list):
+        self.steps = steps
+
+    def on_validation_end(self, trainer, *args) -> None:
+        self.steps.append(trainer.global_step)
+
+
 def assert_same_run(full, full_trainer, resumed, resumed_trainer) -> None:
     assert resumed_trainer.global_step == 10
     for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
@@ -124,7 +148,7 @@ def test_cli_killed_after_its_first_validation_resumes_from_last_to_the_uninterr
     args = ["fit", "--model.pretrained", str(tiny_model_dir), "--data.train_path", str(pair_files["train"]),
             "--data.val_path", str(pair_files["val"]), "--data.batch_size", "8", "--model.lr", "1e-3",
             "--trainer.max_epochs", "2", "--trainer.val_check_interval", "2", "--trainer.logger", "false",
-            "--trainer.enable_progress_bar", "false"]
+            "--trainer.enable_progress_bar", "false", "--data.forgetting_guard", "false"]
     (tmp_path / "full").mkdir(), (tmp_path / "part").mkdir()
     full = subprocess.Popen([sys.executable, "-m", "minilm_sts", *args], cwd=tmp_path / "full", stderr=subprocess.PIPE, text=True)
     killed = subprocess.run([sys.executable, "-c", KILL_AFTER_FIRST_VALIDATION, *args], cwd=tmp_path / "part",
