@@ -45,6 +45,7 @@ def main() -> None:
     parser.add_argument("--precision", choices=["32", "16-mixed", "bf16-mixed"], default="32")
     args = parser.parse_args()
 
+    import torch
     from datasets import Dataset
     from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
     from sentence_transformers.sentence_transformer.evaluation import EmbeddingSimilarityEvaluator
@@ -59,7 +60,8 @@ def main() -> None:
         learning_rate=args.lr, warmup_steps=0, lr_scheduler_type="linear", weight_decay=0.0,
         optim="adamw_torch_fused", max_grad_norm=1.0, fp16=args.precision == "16-mixed",
         bf16=args.precision == "bf16-mixed", eval_strategy="steps", eval_steps=args.steps,
-        save_strategy="no", logging_steps=min(10, args.steps), report_to="none", seed=42)
+        save_strategy="no", logging_steps=min(10, args.steps), report_to="none", seed=42,
+        use_cpu=not torch.cuda.is_available())  # without it, bf16 on a CPU is refused
     trainer = SentenceTransformerTrainer(
         model=model, args=training, train_dataset=Dataset.from_dict(read_pairs(args.train, args.label_scale)),
         loss=CosineSimilarityLoss(model), evaluator=evaluator)
