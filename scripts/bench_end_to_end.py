@@ -21,13 +21,15 @@ import argparse
 import importlib.util
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import torch
+from benchmark import versions  # the in-process benchmark's, beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED_EPOCH_STEPS = 489_640 // 32 + 1  # the seed model's epoch at batch 32
@@ -127,18 +129,6 @@ def measure(args, scratch: Path) -> dict:
     return results
 
 
-def versions() -> dict[str, str]:
-    import torch
-
-    found = {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor() or platform.machine()}
-    for package in ("lightning", "transformers", "sentence_transformers"):
-        if importlib.util.find_spec(package):
-            found[package] = __import__(package).__version__
-    if torch.cuda.is_available():
-        found["gpu"] = torch.cuda.get_device_name()
-    return found
-
-
 def display_name(source: str) -> str:
     """A source as the table shows it: a file by its name only, not this machine's path."""
     return source if source.startswith("builtin:") else Path(source).name
@@ -177,7 +167,7 @@ def main() -> None:
         sides = measure(args, Path(scratch))
     result = {"train": display_name(args.train), "val": display_name(args.val), "config": args.config, "precision": args.precision,
               "threads": args.threads, "steps": args.steps, "rounds_run": max((len(s["step_seconds"]) for s in sides.values()), default=0),
-              "sides": sides, "versions": versions(), "date": time.strftime("%Y-%m-%d"),
+              "sides": sides, "versions": versions("cuda" if torch.cuda.is_available() else "cpu"), "date": time.strftime("%Y-%m-%d"),
               "command": " ".join(sys.argv)}
     args.json.write_text(json.dumps(result, indent=2))
     print(markdown(result))
