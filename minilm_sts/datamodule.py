@@ -14,7 +14,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from minilm_sts.compat import epoch_batches_trained, receive_set_epoch
-from minilm_sts.pairs import PairDataError, ReadOptions, read_pairs
+from minilm_sts.evaluation import DuplicateRetrieval
+from minilm_sts.pairs import PairDataError, ReadOptions, read_pairs, read_sentences
 from minilm_sts.sources import FileSource, builtin_path, parse_source
 from minilm_sts.tokenized import TokenizedPairs, load_tokenized
 
@@ -263,6 +264,11 @@ class PairDataModule(L.LightningDataModule):
             (`val/stsb/...`, read with its own labels in [0, 1], never monitored unless `monitor_val` names it),
             once before the first step too, so a run shows whether training cost general similarity. Not added
             when a training or validation set already is a packaged STS-B split.
+        retrieval: evaluation sets also scored as duplicate retrieval (`val/<set>/cosine_mrr@10`, `cosine_ap`
+            ...; see `DuplicateRetrieval`): a list of set names, or a mapping set name: corpus file (a `.txt` file
+            with one sentence per line, or a table's `sentence` or `text` column) whose sentences join the set's
+            own as distractors. A pair labelled 1 (after `label_scale`)
+            is a duplicate, and its first sentence a query. The whole corpus is embedded at every evaluation.
     """
 
     def __init__(
@@ -280,6 +286,7 @@ class PairDataModule(L.LightningDataModule):
         monitor_val: Optional[str] = None,
         drop_invalid: bool = False,
         forgetting_guard: bool = True,
+        retrieval: Union[list[str], dict[str, Optional[str]], None] = None,
     ):
         super().__init__()
         if batch_size < 1:
@@ -299,6 +306,8 @@ class PairDataModule(L.LightningDataModule):
             self.sources["val"][self.guard] = GUARD_SOURCE  # last: the first set stays the monitored one
         if monitor_val is not None and monitor_val not in self.sources["val"]:
             raise PairDataError(f"monitor_val {monitor_val!r} is not a validation set; they are {list(self.sources['val'])}")
+        self.retrieval_corpora = _retrieval_corpora(retrieval, self.sources)
+        self._retrieval_tasks: dict[tuple[str, str], DuplicateRetrieval] = {}
         self.datasets: dict[str, dict[str, PairDataset]] = {}
         self._train_batches: Optional[PairBatches] = None
         self._batches_state: Optional[dict] = None  # from a checkpoint, for the next train loader
@@ -317,6 +326,8 @@ class PairDataModule(L.LightningDataModule):
                 if not self.sources[split]:
                     raise PairDataError(f"no {split} data: set --data.{split}_path")
                 self.datasets[split] = {name: self._load(split, name) for name in self.sources[split]}
+                for name in self.retrieval_corpora.keys() & self.sources[split].keys():
+                    self._retrieval_tasks[split, name] = self._retrieval_task(split, name)
 
     def _read_options(self, split: str, name: str) -> ReadOptions:
         """The user's column, label and drop options apply to the user's sets; the guard set is packaged, with
@@ -337,6 +348,26 @@ class PairDataModule(L.LightningDataModule):
         if split != "train" or not self.in_batch_negatives:
             return PairDataset(pairs)
         return _positive_pairs(source, pairs)
+
+    def _retrieval_task(self, split: str, name: str) -> DuplicateRetrieval:
+        """Read from the texts, not the token cache: sentences that differ only in case are distinct documents,
+        as in sentence-transformers' InformationRetrievalEvaluator."""
+        source, corpus_source = self.sources[split][name], self.retrieval_corpora[name]
+        with warnings.catch_warnings():  # rows dropped under drop_invalid were reported when the data loaded
+            warnings.simplefilter("ignore")
+            table = read_pairs(source, self._read_options(split, name))
+        corpus = read_sentences(corpus_source) if corpus_source else ()
+        try:
+            task = DuplicateRetrieval.from_pairs(table.sentences_a, table.sentences_b, table.labels, corpus)
+        except ValueError as err:
+            raise PairDataError(f"{source}: cannot score it as duplicate retrieval: {err}") from None
+        rank_zero_info(f"{split}: {name} also scored as duplicate retrieval: {len(task.queries):,} queries, "
+                       f"{len(task.corpus):,} corpus sentences")
+        return task
+
+    def retrieval_task(self, split: str, name: str) -> Optional[DuplicateRetrieval]:
+        """The duplicate-retrieval task of an evaluation set, if `retrieval` names it."""
+        return self._retrieval_tasks.get((split, name))
 
     def eval_names(self, split: str) -> list[str]:
         """Names of the split's datasets in dataloader order, the monitored validation set first."""
@@ -434,6 +465,17 @@ def _positive_pairs(source: str, pairs: TokenizedPairs) -> PairDataset:
     rank_zero_info(f"train: {len(pairs) - len(positive):,} rows labelled 0 left out of {source}: a loss with in-batch "
                    "negatives uses positive pairs only")
     return PairDataset(pairs, positive)
+
+
+def _retrieval_corpora(retrieval: Union[list[str], dict[str, Optional[str]], None],
+                       sources: dict[str, dict[str, str]]) -> dict[str, Optional[str]]:
+    """`retrieval` as {set name: corpus file or None}, every name checked against the evaluation sets."""
+    corpora = dict(retrieval) if isinstance(retrieval, dict) else dict.fromkeys(retrieval or ())
+    known = [*sources["val"], *sources["test"]]
+    unknown = [name for name in corpora if name not in known]
+    if unknown:
+        raise PairDataError(f"retrieval names {unknown}, which are not evaluation sets; they are {known}")
+    return corpora
 
 
 def _guard_applies(sources: dict[str, dict[str, str]]) -> bool:

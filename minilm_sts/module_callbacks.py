@@ -75,12 +75,33 @@ class SplitEvaluation(ModuleCallback):
         if not indices:  # no batch was scored
             return
         names = _set_names(trainer, stage, len(indices))
-        self.latest[stage] = {name: self._scores.pop((stage, index)).compute() for name, index in zip(names, indices)}
+        self.latest[stage] = {name: _with_retrieval(trainer, pl_module, stage, name, self._scores.pop((stage, index)).compute())
+                              for name, index in zip(names, indices)}
         logged = {f"{stage}/{metric}": value for metric, value in next(iter(self.latest[stage].values())).metrics.items()}
         if len(names) > 1:
             logged.update({f"{stage}/{name}/{metric}": value
                            for name, scored in self.latest[stage].items() for metric, value in scored.metrics.items()})
         pl_module.log_dict(logged, prog_bar=len(names) == 1, add_dataloader_idx=False)
+
+
+RETRIEVAL_PROGRESS_FROM = 20_000  # corpus sentences: from here on, embedding the corpus shows a progress bar
+
+
+def _with_retrieval(trainer: L.Trainer, pl_module: L.LightningModule, stage: str, name: str,
+                    scored: ScoredSet) -> ScoredSet:
+    """The set's scores plus its duplicate-retrieval metrics when the data module has a retrieval task for it.
+
+    Every process embeds the whole corpus the same way and so computes the same metrics: no gathering, and a
+    distributed run reports what a single process would. The sanity check skips it (two batches say nothing)."""
+    data = trainer.datamodule
+    task = data.retrieval_task(stage, name) if isinstance(data, PairDataModule) else None
+    if task is None or trainer.sanity_checking:
+        return scored
+    show_progress = trainer.is_global_zero and len(task.corpus) >= RETRIEVAL_PROGRESS_FROM
+    with trainer.precision_plugin.forward_context():  # the precision the validation steps ran in
+        retrieval = task.evaluate(lambda sentences: pl_module.encode(sentences, device=pl_module.device,
+                                                                     show_progress=show_progress))
+    return scored._replace(metrics={**scored.metrics, **retrieval})
 
 
 def _set_names(trainer: L.Trainer, stage: str, count: int) -> list[str]:

@@ -1,5 +1,6 @@
 """PairDataModule for a loss with in-batch negatives (mnrl): positive pairs only, counted, and batches in which no
-sentence occurs twice, planned from (seed, epoch) alone and resumed exactly."""
+sentence occurs twice, planned from (seed, epoch) alone and resumed exactly. And the `retrieval` option's checks,
+which stop a run before training."""
 
 import logging
 import random
@@ -126,3 +127,18 @@ def test_mnrl_needs_two_positive_rows_and_batches_of_two(tiny_model_dir, pair_fi
     path = write_tsv(tmp_path / "few.tsv", rows)
     with pytest.raises(UserInputError, match=message):
         fit(tiny_model_dir, path, pair_files["val"], "mnrl", batch_size=batch_size)
+
+
+def test_retrieval_names_an_evaluation_set(pair_files):
+    with pytest.raises(UserInputError, match=r"retrieval names \['dev'\], which are not evaluation sets; they are \['val', 'stsb'\]"):
+        PairDataModule(str(pair_files["train"]), str(pair_files["val"]), retrieval=["dev"])
+
+
+def test_a_retrieval_set_without_a_duplicate_stops_the_run_before_training(tiny_model_dir, pair_files):
+    """The graded fixture has no pair labelled 1: there is no query, said before the first step."""
+    model = SentenceEmbedder(pretrained=str(tiny_model_dir))
+    data = PairDataModule(str(pair_files["train"]), str(pair_files["val"]), retrieval=["val"], forgetting_guard=False)
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    with pytest.raises(UserInputError, match=r"val.tsv: cannot score it as duplicate retrieval: no pair is labelled >= 1"):
+        trainer.fit(model, data)
+    assert trainer.global_step == 0

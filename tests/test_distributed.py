@@ -1,5 +1,5 @@
 """Distributed data parallel on CPU (gloo, 2 processes): it trains, and validation scores each whole set once,
-with the metrics of a single process for graded and for binary labels."""
+with the metrics of a single process for graded and for binary labels, and for duplicate retrieval."""
 
 import csv
 
@@ -28,7 +28,7 @@ def test_ddp_fit_and_validation_equal_single_process(tiny_model_dir, pair_files,
     val_sets = f"{{graded: {val13}, duplicates: {binary13}}}"
     common = ["--model.pretrained", str(tiny_model_dir), "--data.train_path", str(pair_files["train"]),
               "--data.val_path", val_sets, "--data.test_path", "null", "--data.batch_size", "4", *CSV_LOGGER,
-              "--data.forgetting_guard", "false"]
+              "--data.forgetting_guard", "false", "--data.retrieval", "[duplicates]"]
     cli("fit", *common, *DDP, "--trainer.max_steps", "3", "--trainer.val_check_interval", "3",
         "--trainer.default_root_dir", "runs", cwd=tmp_path)
     checkpoint = next((tmp_path / "runs").rglob("last.ckpt"))
@@ -42,7 +42,9 @@ def test_ddp_fit_and_validation_equal_single_process(tiny_model_dir, pair_files,
     assert abs(single["val/pearson_cosine"] - both["val/pearson_cosine"]) <= 1e-6
     binary = {"cosine_accuracy", "cosine_accuracy_threshold", "cosine_f1", "cosine_precision", "cosine_recall",
               "cosine_f1_threshold", "cosine_ap", "cosine_mcc"}
-    assert {f"val/duplicates/{name}" for name in binary} <= set(single)
+    retrieval = {"cosine_mrr@10", "cosine_ndcg@10", "cosine_map@100", "cosine_recall@1", "cosine_recall@10",
+                 "cosine_recall@100", "cosine_accuracy@1", "cosine_accuracy@10"}
+    assert {f"val/duplicates/{name}" for name in binary | retrieval} <= set(single)
     assert set(both) == set(single)
     for key, value in single.items():
         assert abs(value - both[key]) <= 1e-6, key

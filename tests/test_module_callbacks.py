@@ -15,7 +15,7 @@ import torch
 from minilm_sts.card import render_model_card
 
 from minilm_sts.datamodule import PairDataModule
-from minilm_sts.evaluation import binary_classification
+from minilm_sts.evaluation import DuplicateRetrieval, binary_classification
 from minilm_sts.module import SentenceEmbedder
 from minilm_sts.module_callbacks import RunRecord, SplitEvaluation, read_run_record
 from minilm_sts.pairs import read_pairs
@@ -50,6 +50,40 @@ def test_a_binary_set_logs_classification_metrics_without_being_asked(tiny_model
     record = RunRecord.of(trainer).record
     assert record["evaluation"]["val"] == {name: s.metrics for name, s in sets.items()}
     assert set(record["log"][-1]) == {"epoch", "step", "training_loss", "pearson_cosine", "spearman_cosine"}
+
+
+def test_a_set_named_for_retrieval_logs_its_metrics_each_validation_and_in_the_card(tiny_model_dir, pair_files,
+                                                                                       tmp_path):
+    """Retrieval over the set's sentences plus a corpus file, at every validation and in the test: the logged
+    values are those of DuplicateRetrieval on the trained model, and the card lists them."""
+    graded = read_pairs(str(pair_files["val"]))
+    duplicates = write_tsv(tmp_path / "duplicates.tsv", [[a, b, float(label >= 0.5)] for a, b, label in
+                                                         zip(graded.sentences_a, graded.sentences_b, graded.labels)])
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("a dog runs\nthe cat sleeps on the mat\n")
+    model = SentenceEmbedder(pretrained=str(tiny_model_dir), lr=1e-3)
+    data = PairDataModule(str(pair_files["train"]), {"graded": str(pair_files["val"]), "duplicates": str(duplicates)},
+                          {"duplicates": str(duplicates)}, batch_size=8, forgetting_guard=False,
+                          retrieval={"duplicates": str(corpus)})
+    trainer = L.Trainer(max_steps=4, val_check_interval=2, check_val_every_n_epoch=None, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False)
+    trainer.fit(model, data)
+
+    table = read_pairs(str(duplicates))
+    task = DuplicateRetrieval.from_pairs(table.sentences_a, table.sentences_b, table.labels, ["a dog runs",
+                                                                                             "the cat sleeps on the mat"])
+    assert data.retrieval_task("val", "duplicates") == task and data.retrieval_task("val", "graded") is None
+    expected = task.evaluate(model.encode)
+    logged = trainer.callback_metrics
+    for name, value in expected.items():
+        assert logged[f"val/duplicates/{name}"].item() == pytest.approx(value, abs=1e-6), name
+    assert not any("mrr" in key for key in logged if not key.startswith("val/duplicates/"))
+    record = RunRecord.of(trainer).record
+    assert len(record["log"]) == 2 and "cosine_mrr@10" not in record["log"][-1]  # the graded set is monitored
+    trainer.test(model, data, verbose=False)
+    assert trainer.callback_metrics["test/cosine_mrr@10"].item() == pytest.approx(expected["cosine_mrr@10"], abs=1e-6)
+    card = render_model_card(model, RunRecord.of(trainer).record)
+    assert f"| cosine_mrr@10 | - | {expected['cosine_mrr@10']:.4f} | {expected['cosine_mrr@10']:.4f} |" in card
 
 
 def test_scores_are_whole_sets_in_pair_order(tiny_model_dir, pair_files):
