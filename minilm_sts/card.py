@@ -7,7 +7,7 @@ import inspect
 import json
 
 from minilm_sts.datamodule import GUARD_NAME, GUARD_SOURCE, PairDataModule
-from minilm_sts.losses import LOSSES
+from minilm_sts.losses import LOSSES, loss_of_set
 
 # Each loss as sentence-transformers' equivalent class and the parameters its cards list beside ours.
 ST_LOSSES = {
@@ -42,10 +42,9 @@ def render_model_card(model, run: dict | None = None) -> str:
     return "\n\n".join(section for section in sections if section) + "\n"
 
 
-def loss_description(h) -> tuple[str, dict]:
-    """The run's loss as sentence-transformers' class name and the parameters it ran with (defaults filled in):
-    mnrl with `symmetric` is MultipleNegativesSymmetricRankingLoss."""
-    name, given = h.loss, dict(h.loss_params or {})
+def loss_description(name: str, given: dict) -> tuple[str, dict]:
+    """A loss as sentence-transformers' class name and the parameters it ran with (defaults filled in): mnrl
+    with `symmetric` is MultipleNegativesSymmetricRankingLoss."""
     defaults = {key: p.default for key, p in LOSSES[name].parameters().items()}
     parameters = {**defaults, **given}
     class_name, extra = ST_LOSSES[name]
@@ -55,8 +54,9 @@ def loss_description(h) -> tuple[str, dict]:
 
 
 def _front_matter(h, run, train) -> str:
+    losses = [loss_of_set(h.loss, h.loss_params, name) for name in ([None] if isinstance(h.loss, str) else h.loss)]
     tags = ["sentence-transformers", "sentence-similarity", "feature-extraction", "dense", "minilm_sts",
-            f"loss:{loss_description(h)[0]}"]
+            *dict.fromkeys(f"loss:{loss_description(*loss)[0]}" for loss in losses)]
     if train:
         tags.append(f"dataset_size:{train['size']}")
     lines = ["---", "tags:", *(f"- {tag}" for tag in tags), f"base_model: {h.pretrained}",
@@ -189,13 +189,26 @@ def _dataset_block(d: dict, h) -> str:
         _row(["details", _token_stats(d["tokens"][a]), _token_stats(d["tokens"][b]), _label_stats(d["label"][label])]),
     ]
     samples = [_row([a, b, label]), _row(["---"] * 3), *(_row([x, y, f"{z:g}"]) for x, y, z in d["samples"])]
-    loss, parameters = loss_description(h)
-    left_out = f" ({d['left_out']:,} rows labelled 0 left out: {h.loss} uses positive pairs only)" if d.get("left_out") else ""
-    return (f"- Source: `{d['source']}`\n- Size: {d['size']:,} pairs{left_out}\n"
-            f"- Columns: `{a}`, `{b}` and `{label}`\n"
-            f"- Approximate statistics based on the first {d['stats_rows']} samples (tokens include [CLS] and [SEP]):\n\n"
-            + "\n".join(stats) + "\n\n- Samples:\n\n" + "\n".join(samples)
-            + f"\n\n- Loss: `{loss}` (minilm_sts `{h.loss}`) with these parameters:\n\n```json\n{json.dumps(parameters, indent=4)}\n```")
+    loss = _set_loss(h, d)
+    left_out = f" ({d['left_out']:,} rows labelled 0 left out: {loss[0]} uses positive pairs only)" if d.get("left_out") else ""
+    block = (f"- Source: `{d['source']}`\n- Size: {d['size']:,} pairs{left_out}\n"
+             f"- Columns: `{a}`, `{b}` and `{label}`\n"
+             f"- Approximate statistics based on the first {d['stats_rows']} samples (tokens include [CLS] and [SEP]):\n\n"
+             + "\n".join(stats) + "\n\n- Samples:\n\n" + "\n".join(samples))
+    if loss is None:
+        return block
+    class_name, parameters = loss_description(*loss)
+    return (block + f"\n\n- Loss: `{class_name}` (minilm_sts `{loss[0]}`) with these parameters:\n\n"
+            f"```json\n{json.dumps(parameters, indent=4)}\n```")
+
+
+def _set_loss(h, d: dict) -> tuple[str, dict] | None:
+    """The loss a dataset's block names: the run's one loss, or under one loss per training set the set's own
+    (none for an evaluation set)."""
+    if isinstance(h.loss, str):
+        return h.loss, dict(h.loss_params or {})
+    name = d.get("name")
+    return loss_of_set(h.loss, h.loss_params, name) if name in h.loss else None
 
 
 def _token_stats(s: dict) -> str:

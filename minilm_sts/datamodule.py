@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from minilm_sts.compat import epoch_batches_trained, receive_set_epoch
 from minilm_sts.evaluation import DuplicateRetrieval
+from minilm_sts.losses import LOSSES
 from minilm_sts.pairs import PairDataError, ReadOptions, read_pairs, read_sentences
 from minilm_sts.sources import FileSource, builtin_path, parse_source
 from minilm_sts.tokenized import TokenizedPairs, load_tokenized
@@ -57,11 +58,12 @@ class PairDataset(Dataset):
 
 
 class ConcatPairs(Dataset):
-    """Several PairDatasets end to end; a batch of global indices must come from one of them."""
+    """Several named PairDatasets end to end; a batch of global indices must come from one of them, and carries
+    its name as `train_set` (the training step picks that set's loss)."""
 
-    def __init__(self, parts: list[PairDataset]):
-        self.parts = parts
-        self.starts = np.cumsum([0] + [len(p) for p in parts])
+    def __init__(self, parts: dict[str, PairDataset]):
+        self.names, self.parts = list(parts), list(parts.values())
+        self.starts = np.cumsum([0] + [len(p) for p in self.parts])
 
     def __len__(self) -> int:
         return int(self.starts[-1])
@@ -71,7 +73,8 @@ class ConcatPairs(Dataset):
 
     def collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
         part = int(np.searchsorted(self.starts, indices[0], side="right")) - 1
-        return self.parts[part].collate([i - int(self.starts[part]) for i in indices])
+        batch = self.parts[part].collate([i - int(self.starts[part]) for i in indices])
+        return {**batch, "train_set": self.names[part]}
 
 
 class PairBatches:
@@ -83,8 +86,8 @@ class PairBatches:
     of this epoch's batches the trainer has trained on: saved in checkpoints, it makes the first pass after a
     resume skip exactly those. Under distributed training, process `rank` of `world` takes every world-th batch
     of the same plan, which is first padded by repeating its start so that every process gets as many.
-    With `sentence_ids` (per dataset, `PairDataset.sentence_ids()`), no sentence occurs twice in a batch
-    (`distinct_sentence_batches`), as losses with in-batch negatives need.
+    With `sentence_ids` (per dataset, `PairDataset.sentence_ids()` or None), no sentence occurs twice in a batch
+    of a dataset that has them (`distinct_sentence_batches`), as losses with in-batch negatives need.
     """
 
     def __init__(self, sizes: list[int], batch_size: int, seed: int, mode: str, batches_done: Callable[[], int],
@@ -122,7 +125,7 @@ class PairBatches:
         per_dataset, offset = [], 0
         for dataset, size in enumerate(self.sizes):
             order = torch.randperm(size, generator=generator).tolist()
-            if self.sentence_ids is None:
+            if self.sentence_ids is None or self.sentence_ids[dataset] is None:
                 batches = [order[i : i + self.batch_size] for i in range(0, size, self.batch_size)]
             else:
                 batches = distinct_sentence_batches(order, self.sentence_ids[dataset], self.batch_size)
@@ -232,13 +235,14 @@ def summary_stats(values: np.ndarray) -> dict:
 
 class Tokenizing(Protocol):
     """What the data module takes from the model it feeds (SentenceEmbedder is one): the model owns its tokenizer
-    and max length, and checkpoints carry them, so the data is tokenized the way the model was trained; and
-    whether its loss takes the batch's other rows as negatives, which asks for positive pairs only (label > 0)
-    and batches without a repeated sentence."""
+    and max length, and checkpoints carry them, so the data is tokenized the way the model was trained; and the
+    loss each training set trains with: a loss that takes the batch's other rows as negatives asks for positive
+    pairs only (label > 0) and batches without a repeated sentence."""
 
     tokenizer: Any
     max_seq_length: int
-    in_batch_negatives: bool
+
+    def losses_for(self, train_sets: list[str]) -> dict[str, str]: ...
 
 
 class PairDataModule(L.LightningDataModule):
@@ -296,7 +300,7 @@ class PairDataModule(L.LightningDataModule):
             self.hparams.seed = int(os.environ.get("PL_GLOBAL_SEED", 42))
         self.tokenizer = None
         self.max_seq_length: Optional[int] = None
-        self.in_batch_negatives = False
+        self.train_losses: dict[str, str] = {}  # training set name -> loss name, from the model
         self.sources = {split: named_sources(getattr(self.hparams, f"{split}_path")) for split in SPLITS}
         self.guard = GUARD_NAME if forgetting_guard and _guard_applies(self.sources) else None
         if self.guard:
@@ -316,11 +320,12 @@ class PairDataModule(L.LightningDataModule):
         if self.tokenizer is None:
             model: Tokenizing = self.trainer.lightning_module
             self.tokenizer, self.max_seq_length = model.tokenizer, model.max_seq_length
-            self.in_batch_negatives = model.in_batch_negatives
-            if self.in_batch_negatives and self.hparams.batch_size < 2:
+        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage, ())
+        if "train" in wanted and "train" not in self.datasets:
+            self.train_losses = self.trainer.lightning_module.losses_for(list(self.sources["train"]))
+            if any(map(self._in_batch_negatives, self.train_losses)) and self.hparams.batch_size < 2:
                 raise PairDataError("a loss with in-batch negatives takes the other rows of a batch as negatives: "
                                     f"batch_size must be at least 2, got {self.hparams.batch_size}")
-        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage, ())
         for split in wanted:
             if split not in self.datasets:
                 if not self.sources[split]:
@@ -345,9 +350,12 @@ class PairDataModule(L.LightningDataModule):
             _check_correlation_defined(source, pairs)
         rank_zero_info(f"{split}: {len(pairs):,} pairs from {source}; {pairs.at_max_length} sentence(s) reached "
                        f"{self.max_seq_length} tokens and were truncated; {pairs.dropped} invalid row(s) dropped")
-        if split != "train" or not self.in_batch_negatives:
+        if split != "train" or not self._in_batch_negatives(name):
             return PairDataset(pairs)
         return _positive_pairs(source, pairs)
+
+    def _in_batch_negatives(self, train_set: str) -> bool:
+        return LOSSES[self.train_losses[train_set]].in_batch_negatives
 
     def _retrieval_task(self, split: str, name: str) -> DuplicateRetrieval:
         """Read from the texts, not the token cache: sentences that differ only in case are distinct documents,
@@ -393,6 +401,7 @@ class PairDataModule(L.LightningDataModule):
         column_a, column_b, label = table.columns
         samples = zip(table.sentences_a[:CARD_SAMPLE_ROWS], table.sentences_b[:CARD_SAMPLE_ROWS], table.labels)
         return {
+            "name": name,
             "source": source,
             "size": len(dataset),
             "stats_rows": rows,
@@ -406,10 +415,10 @@ class PairDataModule(L.LightningDataModule):
         }
 
     def train_dataloader(self) -> DataLoader:
-        parts = list(self.datasets["train"].values())
+        parts = self.datasets["train"]
         h, trainer = self.hparams, self.trainer
-        sentence_ids = [p.sentence_ids() for p in parts] if self.in_batch_negatives else None
-        batches = PairBatches([len(p) for p in parts], h.batch_size, h.seed, h.multi_dataset_sampler, self._batches_trained,
+        sentence_ids = [p.sentence_ids() if self._in_batch_negatives(name) else None for name, p in parts.items()]
+        batches = PairBatches([len(p) for p in parts.values()], h.batch_size, h.seed, h.multi_dataset_sampler, self._batches_trained,
                               rank=trainer.global_rank, world=trainer.world_size, sentence_ids=sentence_ids)
         if self._batches_state is not None:
             batches.load_state_dict(self._batches_state)

@@ -2,7 +2,8 @@
 
 Every loss takes `u`, `v` (the pooled embeddings of sentence A and B, shape [batch, dim]) and `labels` (float
 [batch]), plus keyword parameters, and returns a scalar in fp32 even under autocast. `LOSSES` names them;
-`build_loss` turns a name and its parameters into the loss function a training step calls. To add a loss, write
+`build_loss` turns a name and its parameters into the loss function a training step calls; `build_losses` does
+it for a run, which has one loss for every training set or one per named set. To add a loss, write
 its function under `@_in_fp32` and add one `LOSSES` entry: every numeric parameter is a positive scale and every
 other is a flag, which is what `build_loss` checks.
 """
@@ -134,6 +135,28 @@ def build_loss(name: str, params: Optional[Mapping[str, object]] = None) -> Pair
             raise UserInputError(f"loss {name!r} has no parameter {key!r}; its parameters: {valid}")
         _check_value(name, key, value, accepted[key].default)
     return functools.partial(LOSSES[name].compute, **(params or {}))
+
+
+def loss_of_set(loss: str | Mapping[str, str], params: Optional[Mapping], train_set: str) -> tuple[str, dict]:
+    """The loss name and parameters that `train_set` trains with. `loss` is one name for every set, with `params`
+    its parameters, or a mapping set name: loss name, with `params` a mapping set name: parameters."""
+    if isinstance(loss, str):
+        return loss, dict(params or {})
+    return loss[train_set], dict((params or {}).get(train_set) or {})
+
+
+def build_losses(loss: str | Mapping[str, str], params: Optional[Mapping] = None) -> dict[Optional[str], PairLoss]:
+    """Each training set's loss function: {None: loss} when one loss serves every set, else {set name: loss}.
+    Every name and parameter is checked here (a UserInputError otherwise), before any data is read."""
+    if isinstance(loss, str):
+        return {None: build_loss(loss, params)}
+    if not loss:
+        raise UserInputError("loss is an empty mapping; give a loss name, or a mapping training set name: loss name")
+    strays = [name for name in (params or {}) if name not in loss]
+    if strays:
+        raise UserInputError(f"loss_params names training sets {strays} that loss does not; with one loss per set, "
+                             f"loss_params maps set names to parameters: {{{', '.join(loss)}: ...}}")
+    return {name: build_loss(*loss_of_set(loss, params, name)) for name in loss}
 
 
 def _check_value(loss: str, key: str, value: object, default: object) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 import lightning as L
 import torch
@@ -12,7 +12,7 @@ from minilm_sts.compat import optimizer_unscales_in_step
 from minilm_sts.embedder import SentenceEncoder, tokenizer_files, tokenizer_from_files
 from minilm_sts.encoder import BertConfig, BertModel
 from minilm_sts.errors import UserInputError
-from minilm_sts.losses import LOSSES, build_loss
+from minilm_sts.losses import build_losses, loss_of_set
 from minilm_sts.module_callbacks import (NonFiniteLoss, NonFiniteLossCheckpoint, RandomStreamOnResume, RunRecord,
                                          SkippedStepCounter, SplitEvaluation, ValidateBeforeTraining)
 from minilm_sts.optimization import adamw, step_schedule
@@ -39,8 +39,11 @@ class SentenceEmbedder(L.LightningModule):
         max_grad_norm: clip the global gradient L2 norm to this (0 disables).
         fused_optimizer: use torch's fused AdamW kernel.
         compile: run the BERT through `torch.compile` on a padded path (see SentenceEncoder); for GPUs.
-        loss: the training loss, a name in `minilm_sts.losses.LOSSES`: cosine_mse, cosent, angle or mnrl.
-        loss_params: the loss's keyword parameters, e.g. {"scale": 20.0} or {"symmetric": True}; checked here.
+        loss: the training loss, a name in `minilm_sts.losses.LOSSES`: cosine_mse, cosent, angle or mnrl; or a
+            mapping training set name: loss name, so that each set trains with its own (as sentence-transformers'
+            Trainer takes a dict of losses), e.g. {"quora": "mnrl", "stsb": "cosent"}.
+        loss_params: the loss's keyword parameters, e.g. {"scale": 20.0} or {"symmetric": True}; with a mapping
+            `loss`, a mapping set name: parameters, e.g. {"quora": {"scale": 20.0}}. Checked here.
         encoder_config: the BERT architecture. Filled in from `pretrained` on first build and saved in
             checkpoints, so loading a checkpoint builds the model without reading `pretrained`.
     """
@@ -58,14 +61,14 @@ class SentenceEmbedder(L.LightningModule):
         max_grad_norm: float = 1.0,
         fused_optimizer: bool = True,
         compile: bool = False,
-        loss: str = "cosine_mse",
+        loss: Union[str, dict[str, str]] = "cosine_mse",
         loss_params: Optional[dict] = None,
         encoder_config: Optional[dict] = None,
     ):
         super().__init__()
         if warmup_ratio is not None and warmup_steps:
             raise UserInputError("give warmup_steps or warmup_ratio, not both")
-        self._loss = build_loss(loss, loss_params)  # a bad name or parameter stops here, before any training
+        self._losses = build_losses(loss, loss_params)  # a bad name or parameter stops here, before any training
         self.save_hyperparameters()
         if encoder_config is None:
             self.embedder = SentenceEncoder.from_pretrained(pretrained, max_seq_length, compile)
@@ -89,10 +92,14 @@ class SentenceEmbedder(L.LightningModule):
         """The data module truncates sentences to this many tokens."""
         return self.embedder.max_seq_length
 
-    @property
-    def in_batch_negatives(self) -> bool:
-        """The loss takes the batch's other rows as negatives: the data module keeps positive pairs only."""
-        return LOSSES[self.hparams.loss].in_batch_negatives
+    def losses_for(self, train_sets: list[str]) -> dict[str, str]:
+        """The loss name each training set trains with, so the data module can prepare each set for its loss. A
+        mapping `loss` must name exactly these sets."""
+        loss = self.hparams.loss
+        if not isinstance(loss, str) and sorted(loss) != sorted(train_sets):
+            raise UserInputError(f"loss names the training sets {list(loss)}, but they are {train_sets}; "
+                                 "give one loss for every set, or a loss for each set by name")
+        return {name: loss_of_set(loss, None, name)[0] for name in train_sets}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint[TOKENIZER_CHECKPOINT_KEY] = tokenizer_files(self.tokenizer)
@@ -125,7 +132,8 @@ class SentenceEmbedder(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         u, v = self._pair_embeddings(batch)
-        loss = self._loss(u, v, batch["labels"])
+        loss_fn = self._losses[None] if None in self._losses else self._losses[batch["train_set"]]
+        loss = loss_fn(u, v, batch["labels"])
         if not torch.isfinite(loss):  # stop rather than train on garbage; NonFiniteLossCheckpoint saves the state
             raise NonFiniteLoss(loss.item(), self.global_step, self.current_epoch, batch_idx)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(u))

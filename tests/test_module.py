@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from minilm_sts.datamodule import PairDataModule
+from minilm_sts.errors import UserInputError
 from minilm_sts.module import SentenceEmbedder
 from minilm_sts.optimization import lr_multiplier
 from minilm_sts.module_callbacks import RunRecord, SkippedStepCounter
@@ -131,7 +132,7 @@ def test_the_default_loss_is_cosine_mse_and_trains_bit_identically(tiny_model_di
     default_losses, default = fit_losses(tiny_model_dir, pair_files)
     named_losses, named = fit_losses(tiny_model_dir, pair_files, loss="cosine_mse", loss_params={})
     assert default.hparams.loss == "cosine_mse" and default.hparams.loss_params is None
-    assert default._loss.func is cosine_mse_loss
+    assert default._losses[None].func is cosine_mse_loss
     assert len(default_losses) == 10 and default_losses == named_losses  # exactly, not approximately
     for a, b in zip(default.parameters(), named.parameters()):
         assert torch.equal(a, b)
@@ -141,10 +142,12 @@ def test_the_default_loss_is_cosine_mse_and_trains_bit_identically(tiny_model_di
     ("cosine", None, "unknown loss 'cosine'; choose one of: cosine_mse, cosent, angle, mnrl"),
     ("cosent", {"scale": 0}, "loss 'cosent' parameter 'scale' must be a positive number"),
     ("mnrl", {"temperature": 0.05}, "loss 'mnrl' has no parameter 'temperature'; its parameters: scale, symmetric"),
+    ({"quora": "mnrl", "stsb": "cosine"}, None, "unknown loss 'cosine'"),
+    ({"quora": "mnrl"}, {"quora": {"scale": -1}}, "loss 'mnrl' parameter 'scale' must be a positive number"),
+    ({"quora": "mnrl"}, {"scale": 20.0}, "loss_params names training sets ['scale'] that loss does not"),
+    ({}, None, "loss is an empty mapping"),
 ])
 def test_a_bad_loss_or_parameter_fails_at_construction(tiny_model_dir, loss, params, message):
-    from minilm_sts.errors import UserInputError
-
     with pytest.raises(UserInputError, match=re.escape(message)):
         SentenceEmbedder(pretrained=str(tiny_model_dir), loss=loss, loss_params=params)
 
@@ -154,4 +157,8 @@ def test_the_loss_and_its_parameters_are_plain_saved_hyperparameters(tiny_model_
     torch.save({"hyper_parameters": dict(model.hparams)}, tmp_path / "h.pt")
     saved = torch.load(tmp_path / "h.pt", weights_only=True)["hyper_parameters"]
     assert saved["loss"] == "mnrl" and saved["loss_params"] == {"scale": 10.0, "symmetric": True}
-    assert model.in_batch_negatives and not SentenceEmbedder(pretrained=str(tiny_model_dir)).in_batch_negatives
+    assert model.losses_for(["a", "b"]) == {"a": "mnrl", "b": "mnrl"}
+    per_set = SentenceEmbedder(pretrained=str(tiny_model_dir), loss={"a": "mnrl", "b": "cosent"})
+    assert per_set.losses_for(["b", "a"]) == {"b": "cosent", "a": "mnrl"}
+    with pytest.raises(UserInputError, match=re.escape("loss names the training sets ['a', 'b'], but they are ['a']")):
+        per_set.losses_for(["a"])

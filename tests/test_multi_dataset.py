@@ -1,12 +1,17 @@
-"""Several training sets (batches take turns) and several validation sets (each logged under its name)."""
+"""Several training sets (batches take turns, each set with the run's loss or its own) and several validation sets
+(each logged under its name)."""
 
 import lightning as L
 import pytest
 
+from minilm_sts.card import render_model_card
 from minilm_sts.datamodule import PairDataModule, source_name
+from minilm_sts.errors import UserInputError
 from minilm_sts.module import SentenceEmbedder
 from minilm_sts.module_callbacks import RunRecord
-from minilm_sts.pairs import PairDataError
+from minilm_sts.pairs import PairDataError, read_pairs
+
+from helpers import write_tsv
 
 
 def test_names_of_sources():
@@ -68,3 +73,48 @@ def test_the_forgetting_guard_reads_stsb_whatever_the_options_for_the_users_file
     assert data.datasets["val"]["scores"].pairs.labels.tolist() == pytest.approx([0.9, 0.1])
     guard = data.datasets["val"]["stsb"].pairs
     assert len(guard) == 1500 and 0 <= guard.labels.min() and guard.labels.max() == pytest.approx(1.0)
+
+
+def test_each_training_set_trains_with_its_own_loss(tiny_model_dir, pair_files, tmp_path):
+    """loss {dups: mnrl, graded: cosent}: each batch goes to its set's loss, the mnrl set keeps its positive rows
+    without a repeated sentence, the other keeps every row, and the card names each set's loss."""
+    graded = read_pairs(str(pair_files["train"]))
+    dups = write_tsv(tmp_path / "dups.tsv", [[a, b, float(label >= 0.5)] for a, b, label in
+                                             zip(graded.sentences_a, graded.sentences_b, graded.labels)])
+    model = SentenceEmbedder(pretrained=str(tiny_model_dir), loss={"dups": "mnrl", "graded": "cosent"},
+                             loss_params={"dups": {"scale": 10.0}})
+    calls = []
+
+    def recording(name, loss):
+        def record(u, v, labels):
+            calls.append((name, labels.clone()))
+            return loss(u, v, labels)
+        return record
+
+    model._losses = {name: recording(name, loss) for name, loss in model._losses.items()}
+    data = PairDataModule({"dups": str(dups), "graded": str(pair_files["train"])}, str(pair_files["val"]), None,
+                          batch_size=8, forgetting_guard=False)
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        num_sanity_val_steps=0)
+    trainer.fit(model, data)
+
+    positives = sum(label >= 0.5 for label in graded.labels)
+    assert len(data.datasets["train"]["dups"]) == positives and len(data.datasets["train"]["graded"]) == 40
+    assert [name for name, _ in calls] == ["dups", "graded"] * (len(calls) // 2)  # round robin
+    assert all((labels == 1).all() for name, labels in calls if name == "dups")
+    assert any(((labels > 0) & (labels < 1)).any() for name, labels in calls if name == "graded")
+    card = render_model_card(model, RunRecord.of(trainer).record)
+    assert "- loss:MultipleNegativesRankingLoss\n- loss:CoSENTLoss\n" in card
+    blocks = card.split("### Evaluation Dataset")[0].split("#### ")[1:]
+    assert "(minilm_sts `mnrl`)" in blocks[0] and '"scale": 10.0' in blocks[0] and "CoSENTLoss" not in blocks[0]
+    assert "(minilm_sts `cosent`)" in blocks[1] and '"scale": 20.0' in blocks[1]
+    assert "Loss:" not in card.split("### Evaluation Dataset")[1].split("### Training Hyperparameters")[0]
+
+
+def test_one_loss_per_set_must_name_every_training_set(tiny_model_dir, pair_files):
+    model = SentenceEmbedder(pretrained=str(tiny_model_dir), loss={"dups": "mnrl"})
+    data = PairDataModule({"dups": str(pair_files["train"]), "graded": str(pair_files["val"])}, str(pair_files["val"]),
+                          forgetting_guard=False)
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    with pytest.raises(UserInputError, match=r"loss names the training sets \['dups'\], but they are \['dups', 'graded'\]"):
+        trainer.fit(model, data)
