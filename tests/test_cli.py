@@ -44,6 +44,15 @@ def test_stackexchange_recipes_state_what_they_reproduce():
         assert (ROOT / "configs" / f"{recipe}.yaml").read_text().startswith("# ")
 
 
+def test_the_duplicates_recipe_trains_each_set_with_its_loss_and_selects_on_retrieval():
+    recipe = resolved("--config", "configs/duplicates.yaml")
+    assert recipe["model"]["loss"] == {"duplicates": "mnrl", "stsb": "cosent"}
+    assert set(recipe["data"]["train_path"]) == set(recipe["model"]["loss"])
+    assert recipe["data"]["retrieval"] == ["duplicates"] and "duplicates" in recipe["data"]["val_path"]
+    assert recipe["checkpoint"]["monitor"] == "val/cosine_mrr@10" and recipe["checkpoint"]["mode"] == "max"
+    assert (recipe["model"]["lr"], recipe["model"]["warmup_steps"], recipe["trainer"]["max_steps"]) == (2e-5, 100, 2000)
+
+
 def test_unknown_config_key_is_rejected():
     result = cli("fit", "--model.learning_rate", "1e-4", "--print_config", check=False)
     assert result.returncode != 0 and "learning_rate" in result.stderr
@@ -306,7 +315,7 @@ def test_best_checkpoint_names_follow_the_monitored_metric(monitor, expected):
 
 
 @pytest.mark.parametrize("loss, params", [("cosine_mse", "{}"), ("cosent", "{scale: 10.0}"), ("angle", "{}"),
-                                          ("mnrl", "{symmetric: true}")])
+                                          ("mnrl", "{symmetric: true}"), ("{train: mnrl}", "{train: {scale: 10.0}}")])
 def test_each_loss_trains_from_the_command_line(tiny_model_dir, pair_files, tmp_path, monkeypatch, loss, params):
     from minilm_sts.cli import main
 
@@ -322,4 +331,4 @@ def test_each_loss_trains_from_the_command_line(tiny_model_dir, pair_files, tmp_
     losses = [float(row.split(",")[column]) for row in metrics[1:] if row.split(",")[column]]
     assert len(losses) == 3 and all(math.isfinite(value) and value > 0 for value in losses)
     saved = torch.load(next(tmp_path.rglob("last.ckpt")), weights_only=True)["hyper_parameters"]
-    assert saved["loss"] == loss and saved["loss_params"] == yaml.safe_load(params)
+    assert saved["loss"] == yaml.safe_load(loss) and saved["loss_params"] == yaml.safe_load(params)
