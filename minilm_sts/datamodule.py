@@ -331,8 +331,9 @@ class PairDataModule(L.LightningDataModule):
                 if not self.sources[split]:
                     raise PairDataError(f"no {split} data: set --data.{split}_path")
                 self.datasets[split] = {name: self._load(split, name) for name in self.sources[split]}
-                for name in self.retrieval_corpora.keys() & self.sources[split].keys():
-                    self._retrieval_tasks[split, name] = self._retrieval_task(split, name)
+                if split != "train":  # a training set of the same name is not evaluated
+                    for name in self.retrieval_corpora.keys() & self.sources[split].keys():
+                        self._retrieval_tasks[split, name] = self._retrieval_task(split, name)
 
     def _read_options(self, split: str, name: str) -> ReadOptions:
         """The user's column, label and drop options apply to the user's sets; the guard set is packaged, with

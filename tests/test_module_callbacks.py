@@ -62,7 +62,8 @@ def test_a_set_named_for_retrieval_logs_its_metrics_each_validation_and_in_the_c
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("a dog runs\nthe cat sleeps on the mat\n")
     model = SentenceEmbedder(pretrained=str(tiny_model_dir), lr=1e-3)
-    data = PairDataModule(str(pair_files["train"]), {"graded": str(pair_files["val"]), "duplicates": str(duplicates)},
+    data = PairDataModule({"duplicates": str(pair_files["train"])},  # a training set of that name is not scored
+                          {"graded": str(pair_files["val"]), "duplicates": str(duplicates)},
                           {"duplicates": str(duplicates)}, batch_size=8, forgetting_guard=False,
                           retrieval={"duplicates": str(corpus)})
     trainer = L.Trainer(max_steps=4, val_check_interval=2, check_val_every_n_epoch=None, logger=False,
@@ -73,6 +74,7 @@ def test_a_set_named_for_retrieval_logs_its_metrics_each_validation_and_in_the_c
     task = DuplicateRetrieval.from_pairs(table.sentences_a, table.sentences_b, table.labels, ["a dog runs",
                                                                                              "the cat sleeps on the mat"])
     assert data.retrieval_task("val", "duplicates") == task and data.retrieval_task("val", "graded") is None
+    assert data.retrieval_task("train", "duplicates") is None
     expected = task.evaluate(model.encode)
     logged = trainer.callback_metrics
     for name, value in expected.items():
