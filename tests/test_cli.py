@@ -12,8 +12,10 @@ import torch
 import yaml
 
 from minilm_sts.errors import UserInputError
+from minilm_sts.module_callbacks import read_run_record
+from minilm_sts.pairs import read_pairs
 
-from helpers import ROOT, cli
+from helpers import ROOT, cli, write_tsv
 from wandb_records import run_content
 
 
@@ -51,6 +53,23 @@ def test_the_duplicates_recipe_trains_each_set_with_its_loss_and_selects_on_retr
     assert recipe["data"]["retrieval"] == ["duplicates"] and "duplicates" in recipe["data"]["val_path"]
     assert recipe["checkpoint"]["monitor"] == "val/cosine_mrr@10" and recipe["checkpoint"]["mode"] == "max"
     assert (recipe["model"]["lr"], recipe["model"]["warmup_steps"], recipe["trainer"]["max_steps"]) == (2e-5, 100, 2000)
+
+
+def test_the_duplicates_recipe_runs_as_the_readme_gives_it(tiny_model_dir, pair_files, tmp_path):
+    graded = read_pairs(str(pair_files["train"]))
+    binary = [[a, b, float(label >= 0.5)] for a, b, label in zip(graded.sentences_a, graded.sentences_b, graded.labels)]
+    train, dev = write_tsv(tmp_path / "train.tsv", binary), write_tsv(tmp_path / "dev.tsv", binary[:16])
+    result = cli("fit", "--config", str(ROOT / "configs/duplicates.yaml"), "--model.pretrained", str(tiny_model_dir),
+                 "--data.train_path", f"{{duplicates: {train}, stsb: builtin:stsb/train}}",
+                 "--data.val_path", f"{{duplicates: {dev}, stsb: builtin:stsb/dev}}", "--trainer.max_steps", "4",
+                 "--trainer.val_check_interval", "2", "--trainer.logger", "false", "--trainer.precision", "32",
+                 cwd=tmp_path)
+    assert "rows labelled 0 left out" in result.stderr + result.stdout
+    best = [path.name for path in tmp_path.rglob("step*-mrr@10=*.ckpt")]
+    assert len(best) == 1, best
+    record = read_run_record(torch.load(next(tmp_path.rglob("last.ckpt")), weights_only=True))
+    assert {"cosine_mrr@10", "cosine_ap", "spearman_cosine"} <= set(record["evaluation"]["val"]["duplicates"])
+    assert "spearman_cosine" in record["evaluation"]["val"]["stsb"]
 
 
 def test_unknown_config_key_is_rejected():
