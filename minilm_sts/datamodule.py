@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import math
 import os
 import warnings
-from typing import Any, Callable, Literal, Optional, Protocol, Union
+from typing import Any, Literal, Optional, Protocol, Union
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
@@ -13,7 +12,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from minilm_sts.compat import epoch_batches_trained, receive_set_epoch
+from minilm_sts.batching import PairBatches
+from minilm_sts.compat import epoch_batches_trained
 from minilm_sts.evaluation import DuplicateRetrieval
 from minilm_sts.losses import LOSSES
 from minilm_sts.pairs import PairDataError, ReadOptions, read_pairs, read_sentences
@@ -75,119 +75,6 @@ class ConcatPairs(Dataset):
         part = int(np.searchsorted(self.starts, indices[0], side="right")) - 1
         batch = self.parts[part].collate([i - int(self.starts[part]) for i in indices])
         return {**batch, "train_set": self.names[part]}
-
-
-class PairBatches:
-    """Training batches for one epoch: shuffled with (seed, epoch) alone, each batch from one dataset.
-
-    With several datasets, `round_robin` takes one batch from each in turn and stops when the smallest runs
-    out (sentence-transformers' round-robin sampler); `proportional` visits every batch of every dataset,
-    picking the next dataset at random in proportion to its remaining batches. `batches_done` reports how many
-    of this epoch's batches the trainer has trained on: saved in checkpoints, it makes the first pass after a
-    resume skip exactly those. Under distributed training, process `rank` of `world` takes every world-th batch
-    of the same plan, which is first padded by repeating its start so that every process gets as many.
-    With `sentence_ids` (per dataset, `PairDataset.sentence_ids()` or None), no sentence occurs twice in a batch
-    of a dataset that has them (`distinct_sentence_batches`), as losses with in-batch negatives need.
-    """
-
-    def __init__(self, sizes: list[int], batch_size: int, seed: int, mode: str, batches_done: Callable[[], int],
-                 rank: int = 0, world: int = 1, sentence_ids: Optional[list[np.ndarray]] = None):
-        if mode not in ("round_robin", "proportional"):
-            raise ValueError(f"multi_dataset_sampler must be round_robin or proportional, got {mode!r}")
-        self.sizes, self.batch_size, self.seed, self.mode = sizes, batch_size, seed, mode
-        self.batches_done = batches_done
-        self.rank, self.world = rank, world
-        self.sentence_ids = sentence_ids
-        self.epoch, self._skip = 0, 0
-        self._planned: Optional[tuple[int, list[list[int]]]] = None  # (epoch, its plan), made once per epoch
-        receive_set_epoch(self)
-
-    def set_epoch(self, epoch: int) -> None:
-        if epoch != self.epoch:
-            self.epoch, self._skip = epoch, 0
-
-    def __len__(self) -> int:
-        return math.ceil(len(self._epoch_plan()) / self.world)
-
-    def __iter__(self):
-        skip, self._skip = self._skip, 0
-        plan = list(self._epoch_plan())
-        plan += plan[: len(self) * self.world - len(plan)]
-        return iter(plan[self.rank :: self.world][skip:])
-
-    def _epoch_plan(self) -> list[list[int]]:
-        if self._planned is None or self._planned[0] != self.epoch:
-            self._planned = (self.epoch, self._plan())
-        return self._planned[1]
-
-    def _plan(self) -> list[list[int]]:
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        per_dataset, offset = [], 0
-        for dataset, size in enumerate(self.sizes):
-            order = torch.randperm(size, generator=generator).tolist()
-            if self.sentence_ids is None or self.sentence_ids[dataset] is None:
-                batches = [order[i : i + self.batch_size] for i in range(0, size, self.batch_size)]
-            else:
-                batches = distinct_sentence_batches(order, self.sentence_ids[dataset], self.batch_size)
-            per_dataset.append([[offset + i for i in batch] for batch in batches])
-            offset += size
-        if len(per_dataset) == 1:
-            return per_dataset[0]
-        if self.mode == "round_robin":
-            rounds = min(len(batches) for batches in per_dataset)
-            return [batches[i] for i in range(rounds) for batches in per_dataset]
-        remaining = torch.tensor([len(batches) for batches in per_dataset], dtype=torch.float64)
-        plan = []
-        while remaining.sum() > 0:
-            chosen = int(torch.multinomial(remaining, 1, generator=generator))
-            plan.append(per_dataset[chosen][len(per_dataset[chosen]) - int(remaining[chosen])])
-            remaining[chosen] -= 1
-        return plan
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batches_done": self.batches_done()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self._skip = state["epoch"], state["batches_done"]
-
-
-def distinct_sentence_batches(order: list[int], sentence_ids: np.ndarray, batch_size: int) -> list[list[int]]:
-    """`order` in batches of `batch_size` rows (at least 2) where no sentence occurs twice: batches are filled
-    in order, and a row whose sentence is already in the batch waits for the next one, which takes waiting rows
-    first. A row still alone at the end joins the first batch holding neither of its sentences (one row over
-    `batch_size`); if none can take it, it sits this epoch out, with a warning."""
-    batches, waiting, position = [], [], 0
-    while waiting or position < len(order):
-        batch, seen, deferred = [], set(), []
-        candidates = iter(waiting)
-        while len(batch) < batch_size:
-            row = next(candidates, None)
-            if row is None:
-                if position == len(order):
-                    break
-                row, position = order[position], position + 1
-            sentences = set(sentence_ids[row].tolist())
-            if seen & sentences:
-                deferred.append(row)
-            else:
-                batch.append(row)
-                seen |= sentences
-        waiting = deferred + list(candidates)
-        batches.append(batch)
-    full = [batch for batch in batches if len(batch) > 1]
-    for batch in batches:
-        if len(batch) == 1:
-            _place_alone(batch[0], full, sentence_ids)
-    return full
-
-
-def _place_alone(row: int, batches: list[list[int]], sentence_ids: np.ndarray) -> None:
-    sentences = set(sentence_ids[row].tolist())
-    for batch in batches:
-        if not sentences & set(sentence_ids[batch].flat):
-            batch.append(row)
-            return
-    warnings.warn(f"training pair {row} shares a sentence with every batch of this epoch: it sits this epoch out")
 
 
 class ResumableLoader(DataLoader):

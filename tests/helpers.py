@@ -5,6 +5,7 @@ wrote before its run record and random stream were callbacks. (Fixtures are in c
 from __future__ import annotations
 
 import csv
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -61,3 +62,13 @@ def rewrite_in_the_previous_format(path: Path) -> None:
     checkpoint[LEGACY_RECORD_KEY] = {**previous, "test": {}}
     checkpoint[LEGACY_RESUME_KEY] = {"rng": random_stream["rng"], "loss_since_validation": record["loss_since_validation"]}
     torch.save(checkpoint, path)
+
+
+def duplicates_file(path, rows=60, distinct=25, seed=0):
+    """Pairs over a small pool of sentences, so that many share one; every third row labelled 0, others graded."""
+    rng = random.Random(seed)
+    pool = [f"the man plays {' '.join(rng.choices(['dog', 'cat', 'guitar', 'with', 'a'], k=4))} {i}"
+            for i in range(distinct)]
+    table = [[pool[rng.randrange(distinct)], pool[rng.randrange(distinct)], 0.0 if i % 3 == 0 else round(rng.uniform(0.1, 1), 2)]
+             for i in range(rows)]
+    return write_tsv(path, table), table

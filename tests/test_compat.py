@@ -14,7 +14,8 @@ from packaging.requirements import Requirement
 from torch.utils.data import DataLoader
 
 from minilm_sts import compat
-from minilm_sts.datamodule import PairBatches, PairDataModule
+from minilm_sts.batching import PairBatches
+from minilm_sts.datamodule import PairDataModule
 from minilm_sts.module import SentenceEmbedder
 
 from helpers import ROOT

@@ -11,7 +11,7 @@ import lightning as L
 import pytest
 import torch
 
-from minilm_sts.datamodule import PairBatches
+from minilm_sts.batching import PairBatches
 from minilm_sts.module_callbacks import LEGACY_RECORD_KEY, RunRecord, read_run_record
 
 from helpers import rewrite_in_the_previous_format, run

@@ -1,0 +1,60 @@
+"""The training batch plan: every row once per epoch, from (seed, epoch) alone, resumed exactly, and for losses with
+in-batch negatives without a sentence twice in a batch."""
+
+import random
+
+import numpy as np
+import pytest
+
+from minilm_sts.batching import PairBatches, distinct_sentence_batches
+
+from helpers import duplicates_file
+
+
+def sentence_numbers(table):
+    numbers = {}
+    return np.array([[numbers.setdefault(a, len(numbers)), numbers.setdefault(b, len(numbers))] for a, b, _ in table])
+
+
+@pytest.mark.parametrize("batch_size", [2, 4, 8, 16])
+def test_distinct_sentence_batches_keep_every_row_once_and_never_repeat_a_sentence(batch_size):
+    rng = random.Random(batch_size)
+    ids = np.array([[rng.randrange(60), rng.randrange(60)] for _ in range(100)])
+    order = list(range(100))
+    rng.shuffle(order)
+    batches = distinct_sentence_batches(order, ids, batch_size)
+    assert sorted(row for batch in batches for row in batch) == list(range(100))
+    for batch in batches:
+        assert 2 <= len(batch) <= batch_size + 1
+        sentences = ids[batch].flatten().tolist()
+        own = sum(a == b for a, b in ids[batch].tolist())  # a pair of a sentence with itself repeats it once
+        assert len(sentences) - len(set(sentences)) == own
+    assert len(batches[0]) == batch_size  # filled greedily, not scattered
+
+
+def test_a_row_alone_joins_a_batch_it_does_not_clash_with_or_sits_the_epoch_out_with_a_warning():
+    ids = np.array([[0, 1], [2, 3], [4, 5], [4, 6], [7, 8]])
+    assert distinct_sentence_batches([0, 1, 2, 3, 4], ids, 2) == [[0, 1, 3], [2, 4]]  # 3 waited, then was alone
+    with pytest.warns(UserWarning, match="training pair 3 shares a sentence with every batch of this epoch"):
+        assert distinct_sentence_batches([0, 1, 2, 3], ids, 2) == [[0, 1, 2]]
+
+
+def test_the_plan_depends_on_seed_and_epoch_and_resumes_exactly(tmp_path):
+    _, table = duplicates_file(tmp_path / "d.tsv")
+    ids = sentence_numbers(table)
+    make = lambda done, seed=42: PairBatches([len(ids)], 8, seed=seed, mode="round_robin",  # noqa: E731
+                                             batches_done=lambda: done, sentence_ids=[ids])
+    batches = make(3)
+    epoch0 = list(batches)
+    assert epoch0 == list(make(0)) and epoch0 != list(make(0, seed=7))
+    assert len(batches) == len(epoch0)
+    for batch in epoch0:
+        sentences = ids[batch].flatten().tolist()
+        assert len(sentences) - len(set(sentences)) == sum(a == b for a, b in ids[batch].tolist())
+    batches.set_epoch(1)
+    epoch1 = list(batches)
+    assert epoch1 != epoch0 and len(batches) == len(epoch1)
+    again = make(0)
+    again.load_state_dict(batches.state_dict())  # {"epoch": 1, "batches_done": 3}
+    again.set_epoch(1)
+    assert list(again) == epoch1[3:]
