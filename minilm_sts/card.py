@@ -23,6 +23,9 @@ CORRELATION_TEXT = ("Pearson and Spearman correlation of cosine similarity with 
 BINARY_TEXT = ("on a set whose labels are all 0 or 1, cosine as a duplicate detector (as its "
                "BinaryClassificationEvaluator): the best accuracy and the best F1 with their cosine thresholds, the "
                "precision, recall and Matthews correlation at the F1 threshold, and average precision")
+RETRIEVAL_TEXT = ("on a set scored as duplicate retrieval, each duplicate pair's first sentence as a query against "
+                  "every distinct sentence of the set (as its InformationRetrievalEvaluator): MRR@10, NDCG@10, "
+                  "MAP@100, recall at 1, 10 and 100, and accuracy at 1 and 10")
 
 
 def render_model_card(model, run: dict | None = None) -> str:
@@ -151,8 +154,8 @@ def _evaluation(run) -> str:
         cells = [f"{metrics[name]:.4f}" if name in metrics else "-" for _, metrics in final]
         rows.append(_row([f"**{c}**" for c in [name, *cells]] if name == primary else [name, *cells]))
     header = _row(["Metric", *(title for title, _ in final)]) + "\n" + _row(["---"] * (len(final) + 1))
-    binary = any("cosine_ap" in metrics for _, metrics in final)
-    text = f"{CORRELATION_TEXT}; {BINARY_TEXT}" if binary else CORRELATION_TEXT
+    kinds = [(CORRELATION_TEXT, "spearman_cosine"), (BINARY_TEXT, "cosine_ap"), (RETRIEVAL_TEXT, "cosine_mrr@10")]
+    text = "; ".join(kind for kind, metric in kinds if any(metric in metrics for _, metrics in final))
     return (f"## Evaluation\n\n### Metrics\n\nComputed over each whole evaluation set: {text}.\n\n"
             + header + "\n" + "\n".join(rows) + _guard_line(run))
 

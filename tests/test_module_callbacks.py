@@ -86,6 +86,7 @@ def test_a_set_named_for_retrieval_logs_its_metrics_each_validation_and_in_the_c
     assert trainer.callback_metrics["test/cosine_mrr@10"].item() == pytest.approx(expected["cosine_mrr@10"], abs=1e-6)
     card = render_model_card(model, RunRecord.of(trainer).record)
     assert f"| cosine_mrr@10 | - | {expected['cosine_mrr@10']:.4f} | {expected['cosine_mrr@10']:.4f} |" in card
+    assert "InformationRetrievalEvaluator): MRR@10" in card
 
 
 def test_scores_are_whole_sets_in_pair_order(tiny_model_dir, pair_files):
