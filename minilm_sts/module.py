@@ -132,11 +132,13 @@ class SentenceEmbedder(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         u, v = self._pair_embeddings(batch)
-        loss_fn = self._losses[None] if None in self._losses else self._losses[batch["train_set"]]
-        loss = loss_fn(u, v, batch["labels"])
+        per_set = None not in self._losses
+        loss = self._losses[batch["train_set"] if per_set else None](u, v, batch["labels"])
         if not torch.isfinite(loss):  # stop rather than train on garbage; NonFiniteLossCheckpoint saves the state
             raise NonFiniteLoss(loss.item(), self.global_step, self.current_epoch, batch_idx)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(u))
+        if per_set:  # losses of different kinds have different scales: each set's own curve says more
+            self.log(f"train/{batch['train_set']}/loss", loss, batch_size=len(u))
         self.log("train/lr", self.lr_schedulers().get_last_lr()[0], batch_size=len(u))
         return loss
 

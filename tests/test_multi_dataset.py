@@ -103,6 +103,7 @@ def test_each_training_set_trains_with_its_own_loss(tiny_model_dir, pair_files, 
     assert [name for name, _ in calls] == ["dups", "graded"] * (len(calls) // 2)  # round robin
     assert all((labels == 1).all() for name, labels in calls if name == "dups")
     assert any(((labels > 0) & (labels < 1)).any() for name, labels in calls if name == "graded")
+    assert {"train/loss", "train/dups/loss", "train/graded/loss"} <= set(trainer.logged_metrics)
     card = render_model_card(model, RunRecord.of(trainer).record)
     assert "- loss:MultipleNegativesRankingLoss\n- loss:CoSENTLoss\n" in card
     blocks = card.split("### Evaluation Dataset")[0].split("#### ")[1:]
