@@ -209,7 +209,8 @@ class PairDataModule(L.LightningDataModule):
             self.tokenizer, self.max_seq_length = model.tokenizer, model.max_seq_length
         wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage, ())
         if "train" in wanted and "train" not in self.datasets:
-            self.train_losses = self.trainer.lightning_module.losses_for(list(self.sources["train"]))
+            model = self.trainer.lightning_module if self.trainer else None  # none: set up by hand, plain batches
+            self.train_losses = model.losses_for(list(self.sources["train"])) if model else {}
             if any(map(self._in_batch_negatives, self.train_losses)) and self.hparams.batch_size < 2:
                 raise PairDataError("a loss with in-batch negatives takes the other rows of a batch as negatives: "
                                     f"batch_size must be at least 2, got {self.hparams.batch_size}")
@@ -243,7 +244,8 @@ class PairDataModule(L.LightningDataModule):
         return _positive_pairs(source, pairs)
 
     def _in_batch_negatives(self, train_set: str) -> bool:
-        return LOSSES[self.train_losses[train_set]].in_batch_negatives
+        loss = self.train_losses.get(train_set)
+        return loss is not None and LOSSES[loss].in_batch_negatives
 
     def _retrieval_task(self, split: str, name: str) -> DuplicateRetrieval:
         """Read from the texts, not the token cache: sentences that differ only in case are distinct documents,
