@@ -16,7 +16,7 @@ from minilm_sts.batching import PairBatches
 from minilm_sts.compat import epoch_batches_trained
 from minilm_sts.evaluation import DuplicateRetrieval
 from minilm_sts.losses import LOSSES
-from minilm_sts.pairs import PairDataError, ReadOptions, read_pairs, read_sentences
+from minilm_sts.pairs import PairDataError, PairTable, ReadOptions, read_pairs, read_sentences
 from minilm_sts.sources import FileSource, builtin_path, parse_source
 from minilm_sts.tokenized import TokenizedPairs, load_tokenized
 
@@ -158,8 +158,8 @@ class PairDataModule(L.LightningDataModule):
         retrieval: evaluation sets also scored as duplicate retrieval (`val/<set>/cosine_mrr@10`, `cosine_ap`
             ...; see `DuplicateRetrieval`): a list of set names, or a mapping set name: corpus file (a `.txt` file
             with one sentence per line, or a table's `sentence` or `text` column) whose sentences join the set's
-            own as distractors. A pair labelled 1 (after `label_scale`)
-            is a duplicate, and its first sentence a query. The whole corpus is embedded at every evaluation.
+            own as distractors. A pair labelled 1 (after `label_scale`) is a duplicate, and its first sentence a
+            query. The whole corpus is embedded at every evaluation.
     """
 
     def __init__(
@@ -243,6 +243,12 @@ class PairDataModule(L.LightningDataModule):
             return PairDataset(pairs)
         return _positive_pairs(source, pairs)
 
+    def _read_table(self, split: str, name: str) -> PairTable:
+        """A set's texts, read again from its source (the token cache keeps only tokens and labels)."""
+        with warnings.catch_warnings():  # rows dropped under drop_invalid were reported when the data loaded
+            warnings.simplefilter("ignore")
+            return read_pairs(self.sources[split][name], self._read_options(split, name))
+
     def _in_batch_negatives(self, train_set: str) -> bool:
         loss = self.train_losses.get(train_set)
         return loss is not None and LOSSES[loss].in_batch_negatives
@@ -251,9 +257,7 @@ class PairDataModule(L.LightningDataModule):
         """Read from the texts, not the token cache: sentences that differ only in case are distinct documents,
         as in sentence-transformers' InformationRetrievalEvaluator."""
         source, corpus_source = self.sources[split][name], self.retrieval_corpora[name]
-        with warnings.catch_warnings():  # rows dropped under drop_invalid were reported when the data loaded
-            warnings.simplefilter("ignore")
-            table = read_pairs(source, self._read_options(split, name))
+        table = self._read_table(split, name)
         corpus = read_sentences(corpus_source) if corpus_source else ()
         try:
             task = DuplicateRetrieval.from_pairs(table.sentences_a, table.sentences_b, table.labels, corpus)
@@ -283,9 +287,7 @@ class PairDataModule(L.LightningDataModule):
 
     def _describe(self, split: str, name: str, dataset: PairDataset) -> dict:
         source, pairs = self.sources[split][name], dataset.pairs
-        with warnings.catch_warnings():  # rows dropped under drop_invalid were reported when the data loaded
-            warnings.simplefilter("ignore")
-            table = read_pairs(source, self._read_options(split, name))
+        table = self._read_table(split, name)
         rows = min(len(pairs), CARD_STATS_ROWS)
         lengths = np.diff(pairs.offsets[: 2 * rows + 1])
         column_a, column_b, label = table.columns
