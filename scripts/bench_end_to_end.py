@@ -21,6 +21,7 @@ import argparse
 import importlib.util
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -79,12 +80,24 @@ def command(side: str, steps: int, args, scratch: Path) -> list[str]:
             "--model.compile", str(side == "minilm_sts-compiled").lower(), *logging]
 
 
+def child_env(threads: int, scratch: Path) -> dict[str, str]:
+    """The environment of each timed process: this working tree first on the import path, and whatever
+    was there before after it (the GPU machine's carried wheels live there)."""
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": path, "WANDB_MODE": "offline",
+            "WANDB_DIR": str(scratch), "MINILM_STS_CACHE": str(scratch / "cache"), "HF_HUB_OFFLINE": "1"}
+
+
+def spearman_in_name(checkpoint: Path) -> float:
+    """The score in a checkpoint's name, also where Lightning added `-v1` for a name already taken."""
+    return float(re.search(r"spearman(\d+\.\d+)", checkpoint.name).group(1))
+
+
 def run(side: str, steps: int, args, scratch: Path) -> tuple[float, dict]:
     """Wall seconds of one whole process, and what it reported about the model it trained."""
     runs = scratch / "runs"
     before = set(runs.rglob("*spearman*.ckpt")) if runs.exists() else set()
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline",
-           "WANDB_DIR": str(scratch), "MINILM_STS_CACHE": str(scratch / "cache"), "HF_HUB_OFFLINE": "1"}
+    env = child_env(args.threads, scratch)
     started = time.perf_counter()
     # In the scratch folder, so that the runs' W&B folders and checkpoints land there too.
     done = subprocess.run(command(side, steps, args, scratch), cwd=scratch, env=env, capture_output=True, text=True)
@@ -94,7 +107,7 @@ def run(side: str, steps: int, args, scratch: Path) -> tuple[float, dict]:
     if side == "sentence-transformers":
         return seconds, json.loads(done.stdout.split("RESULT", 1)[1])
     best = sorted(set(runs.rglob("*spearman*.ckpt")) - before)
-    return seconds, {"val_spearman": float(best[-1].stem.split("spearman")[-1]) if best else None}
+    return seconds, {"val_spearman": spearman_in_name(best[-1]) if best else None}
 
 
 def measure(args, scratch: Path) -> dict:

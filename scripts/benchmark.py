@@ -148,13 +148,13 @@ def alternate(sides, work, rounds: int, repeats: int) -> tuple[dict[str, float],
     return {name: statistics.median(values) for name, values in times.items()}, warmup
 
 
-def peak_gpu_memory(sides, plan, args) -> dict[str, float]:
-    """Peak GPU memory of a few more steps of each side, measured one side at a time."""
+def peak_gpu_memory(sides, plan: list[list[int]]) -> dict[str, float]:
+    """Peak GPU memory of each side over the same steps, measured one side at a time."""
     peaks = {}
     for side in sides:
         torch.cuda.reset_peak_memory_stats()
-        for _ in range(args.steps):
-            side.step(next(plan))
+        for indices in plan:
+            side.step(indices)
         peaks[side.name] = torch.cuda.max_memory_allocated() / 2**30
     return peaks
 
@@ -258,7 +258,8 @@ def main() -> None:
         "data": args.data, "pairs": len(table), "batch_size": args.batch_size, "threads": args.threads,
         "device": args.device, "precision": args.precision,
         "seed_epoch_minutes": {name: SEED_EPOCH_PAIRS / args.batch_size * s / 60 for name, s in step_seconds.items()},
-        "peak_gpu_memory_gib": peak_gpu_memory(sides, plan, args) if args.device == "cuda" else {},
+        "peak_gpu_memory_gib": peak_gpu_memory(sides, batch_plan(len(table), args.batch_size, args.steps))
+                              if args.device == "cuda" else {},
         "train_steps_measured": args.rounds * args.steps, "rss_steps": args.rss_steps,
         "steps_per_round": args.steps, "warmup_round_seconds": warmup_seconds,
         "train_pairs_per_sec": {name: args.batch_size / s for name, s in step_seconds.items()},
