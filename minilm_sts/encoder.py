@@ -183,6 +183,19 @@ class Linear(nn.Linear):
         return super().forward(x)
 
 
+class Dropout(nn.Dropout):
+    """nn.Dropout whose CPU training mask is one fp32 uniform draw per element compared with p: the same keep
+    probability as torch's CPU kernel, which draws Bernoulli noise as floats and rescales it in extra passes, at
+    two thirds of its forward-and-backward time (docs/benchmarks.md). Elsewhere (GPUs, compiled code) it is
+    torch's own fused dropout."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and self.p > 0 and x.is_cpu) or torch.compiler.is_compiling():
+            return super().forward(x)
+        keep = torch.rand(x.shape, dtype=torch.float32) >= self.p  # fp32 even under bf16 autocast: an exact p
+        return x * keep * (1 / (1 - self.p))
+
+
 class Embeddings(nn.Module):
     def __init__(self, cfg: BertConfig):
         super().__init__()
@@ -190,7 +203,7 @@ class Embeddings(nn.Module):
         self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
         self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+        self.dropout = Dropout(cfg.hidden_dropout_prob)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         # Single-segment inputs: token type 0 everywhere, as the reference passes all-zero token_type_ids.
@@ -218,7 +231,7 @@ class DenseResidualNorm(nn.Module):
     def __init__(self, cfg: BertConfig, in_features: int):
         super().__init__()
         self.dense = Linear(in_features, cfg.hidden_size)
-        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+        self.dropout = Dropout(cfg.hidden_dropout_prob)
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
     def forward(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:

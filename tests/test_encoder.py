@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from minilm_sts import encoder as encoder_module
-from minilm_sts.encoder import BertConfig, BertModel, PackedLayout, PaddedLayout, padded_from_packed
+from minilm_sts.encoder import BertConfig, BertModel, Dropout, PackedLayout, PaddedLayout, padded_from_packed
 from minilm_sts.similarity import mean_pool
 
 
@@ -129,3 +129,17 @@ def test_padded_from_packed_keeps_each_sentence_in_its_row_and_rounds_the_width_
     assert mask.tolist() == [[1, 1, 1, 0], [1, 1, 0, 0]]
     assert padded_from_packed(ids, lengths, 16)[0].shape == (2, 16)
     assert padded_from_packed(ids, lengths)[0].shape == (2, 3)
+
+
+def test_cpu_dropout_keeps_each_value_with_probability_1_minus_p_and_rescales_it():
+    torch.manual_seed(0)
+    dropout, x = Dropout(0.1), torch.randn(1000, 384, requires_grad=True)
+    out = dropout(x)
+    kept = out != 0
+    assert abs(kept.float().mean().item() - 0.9) < 0.003  # 384,000 draws: the standard error is 0.0005
+    torch.testing.assert_close(out[kept], x[kept] / 0.9)
+    out.sum().backward()
+    torch.testing.assert_close(x.grad, kept.float() / 0.9)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert abs((dropout(x.bfloat16()) != 0).float().mean().item() - 0.9) < 0.003
+    assert torch.equal(dropout.eval()(x), x)

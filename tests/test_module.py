@@ -162,3 +162,14 @@ def test_the_loss_and_its_parameters_are_plain_saved_hyperparameters(tiny_model_
     assert per_set.losses_for(["b", "a"]) == {"b": "cosent", "a": "mnrl"}
     with pytest.raises(UserInputError, match=re.escape("loss names the training sets ['a', 'b'], but they are ['a']")):
         per_set.losses_for(["a"])
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_a_gpu_fit_without_compile_says_that_compiling_trains_faster(tiny_model_dir, monkeypatch, recwarn, compile):
+    # The logic a GPU run follows, on the CPU: only the device the module reports differs.
+    model = SentenceEmbedder(pretrained=str(tiny_model_dir), compile=compile)
+    monkeypatch.setattr(SentenceEmbedder, "device", property(lambda self: torch.device("cuda")))
+    model.on_fit_start()
+    advice = [str(w.message) for w in recwarn if "--model.compile true" in str(w.message)]
+    assert len(advice) == (0 if compile else 1)
+    assert compile or "2.1x" in advice[0]
