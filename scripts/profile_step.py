@@ -37,36 +37,52 @@ def matmul_gflops(size: int = 1024, repeats: int = 20) -> float:
     return 2 * size**3 * repeats / (time.perf_counter() - started) / 1e9
 
 
-def main() -> None:
-    args = parse_args()
+def training_setup(data: str, batch_size: int, steps: int):
+    """The model, fused AdamW and `steps` batches of `data` in the order fit would draw them, with the host
+    memory setting that `fit` applies on a CPU."""
     from minilm_sts.datamodule import PairDataset
-    from minilm_sts.losses import cosine_mse_loss
+    from minilm_sts.host_memory import reuse_freed_host_memory
     from minilm_sts.module import SentenceEmbedder
     from minilm_sts.optimization import adamw
     from minilm_sts.tokenized import load_tokenized
 
+    reuse_freed_host_memory()  # as SentenceEmbedder.on_fit_start does on a CPU
     torch.manual_seed(0)
     model = SentenceEmbedder().train()
-    dataset = PairDataset(load_tokenized(args.data, model.tokenizer, model.max_seq_length))
+    dataset = PairDataset(load_tokenized(data, model.tokenizer, model.max_seq_length))
     optimizer = adamw(model.named_parameters(), 5e-5, 0.0, False, fused=True)
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0)).tolist()
+    return model, optimizer, [dataset.collate(order[i * batch_size:][:batch_size]) for i in range(steps)]
+
+
+def timed_step(model, optimizer, batch: dict) -> dict[str, float]:
+    """One training step as fit runs it, in seconds per part: forward with the loss, backward, then clipping
+    and the optimizer step."""
+    from minilm_sts.losses import cosine_mse_loss
+
+    started = time.perf_counter()
+    u, v = model(batch["input_ids"], batch["lengths"]).chunk(2)
+    loss = cosine_mse_loss(u, v, batch["labels"])
+    forward_done = time.perf_counter()
+    loss.backward()
+    backward_done = time.perf_counter()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"forward": forward_done - started, "backward": backward_done - forward_done,
+            "optimizer": time.perf_counter() - backward_done}
+
+
+def main() -> None:
+    args = parse_args()
+    model, optimizer, batches = training_setup(args.data, args.batch_size, args.warmup + args.steps)
     parts = {"forward": [], "backward": [], "optimizer": []}
     tokens = []
-    for step in range(args.warmup + args.steps):
-        batch = dataset.collate(order[step * args.batch_size:][: args.batch_size])
-        started = time.perf_counter()
-        u, v = model(batch["input_ids"], batch["lengths"]).chunk(2)
-        loss = cosine_mse_loss(u, v, batch["labels"])
-        forward_done = time.perf_counter()
-        loss.backward()
-        backward_done = time.perf_counter()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    for step, batch in enumerate(batches):
+        seconds = timed_step(model, optimizer, batch)
         if step >= args.warmup:
-            parts["forward"].append(forward_done - started)
-            parts["backward"].append(backward_done - forward_done)
-            parts["optimizer"].append(time.perf_counter() - backward_done)
+            for name, value in seconds.items():
+                parts[name].append(value)
             tokens.append(int(batch["lengths"].sum()))
     embedding_parameters = sum(p.numel() for n, p in model.named_parameters() if "embeddings" in n or "pooler" in n)
     non_embedding = sum(p.numel() for p in model.parameters()) - embedding_parameters
