@@ -92,7 +92,7 @@ def distinct_sentence_batches(order: list[int], sentence_ids: np.ndarray, batch_
     """`order` in batches of `batch_size` rows (at least 2) where no sentence occurs twice: batches are filled
     in order, and a row whose sentence is already in the batch waits for the next one, which takes waiting rows
     first. A row still alone at the end joins the first batch holding neither of its sentences (one row over
-    `batch_size`); if none can take it, it sits this epoch out, with a warning."""
+    `batch_size`); if none can take it, it sits this epoch out, named in one warning for the epoch."""
     batches, waiting, position = [], [], 0
     while waiting or position < len(order):
         batch, seen, deferred = [], set(), []
@@ -112,16 +112,23 @@ def distinct_sentence_batches(order: list[int], sentence_ids: np.ndarray, batch_
         waiting = deferred + list(candidates)
         batches.append(batch)
     full = [batch for batch in batches if len(batch) > 1]
-    for batch in batches:
-        if len(batch) == 1:
-            _place_alone(batch[0], full, sentence_ids)
+    # Each full batch's sentences, gathered once: lone rows are few, but each one may scan every batch.
+    taken = [set(sentence_ids[batch].ravel().tolist()) for batch in full]
+    alone = [batch[0] for batch in batches if len(batch) == 1]
+    left_out = [row for row in alone if not _place_alone(row, full, taken, sentence_ids)]
+    if left_out:
+        shown = ", ".join(map(str, left_out[:10])) + (", ..." if len(left_out) > 10 else "")
+        warnings.warn(f"{len(left_out)} training pair(s) share a sentence with every batch of this epoch and sit it "
+                      f"out: row(s) {shown}")
     return full
 
 
-def _place_alone(row: int, batches: list[list[int]], sentence_ids: np.ndarray) -> None:
+def _place_alone(row: int, batches: list[list[int]], taken: list[set[int]], sentence_ids: np.ndarray) -> bool:
+    """Adds `row` to the first batch holding neither of its sentences; False if there is none."""
     sentences = set(sentence_ids[row].tolist())
-    for batch in batches:
-        if not sentences & set(sentence_ids[batch].flat):
+    for batch, batch_sentences in zip(batches, taken):
+        if not sentences & batch_sentences:
             batch.append(row)
-            return
-    warnings.warn(f"training pair {row} shares a sentence with every batch of this epoch: it sits this epoch out")
+            batch_sentences |= sentences
+            return True
+    return False

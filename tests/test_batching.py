@@ -35,8 +35,19 @@ def test_distinct_sentence_batches_keep_every_row_once_and_never_repeat_a_senten
 def test_a_row_alone_joins_a_batch_it_does_not_clash_with_or_sits_the_epoch_out_with_a_warning():
     ids = np.array([[0, 1], [2, 3], [4, 5], [4, 6], [7, 8]])
     assert distinct_sentence_batches([0, 1, 2, 3, 4], ids, 2) == [[0, 1, 3], [2, 4]]  # 3 waited, then was alone
-    with pytest.warns(UserWarning, match="training pair 3 shares a sentence with every batch of this epoch"):
+    with pytest.warns(UserWarning, match=r"^1 training pair\(s\) share a sentence with every batch .* row\(s\) 3$"):
         assert distinct_sentence_batches([0, 1, 2, 3], ids, 2) == [[0, 1, 2]]
+
+
+def test_rows_that_sit_an_epoch_out_are_counted_in_one_warning(recwarn):
+    # Sentence 0 is in 14 pairs, and only 2 batches form: 12 of those pairs find no batch without it.
+    ids = np.array([[0, 100 + i] for i in range(14)] + [[200 + i, 300 + i] for i in range(4)])
+    batches = distinct_sentence_batches(list(range(18)), ids, 3)
+    placed = sorted(row for batch in batches for row in batch)
+    assert [str(w.message) for w in recwarn] == [
+        "12 training pair(s) share a sentence with every batch of this epoch and sit it out: row(s) "
+        + ", ".join(str(row) for row in [r for r in range(14) if r not in placed][:10]) + ", ..."]
+    assert len(placed) == 18 - 12
 
 
 def test_the_plan_depends_on_seed_and_epoch_and_resumes_exactly(tmp_path):
