@@ -190,7 +190,7 @@ class Dropout(nn.Dropout):
     torch's own fused dropout."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and self.p > 0 and x.is_cpu) or torch.compiler.is_compiling():
+        if not (self.training and 0 < self.p < 1 and x.is_cpu) or torch.compiler.is_compiling():
             return super().forward(x)
         keep = torch.rand(x.shape, dtype=torch.float32) >= self.p  # fp32 even under bf16 autocast: an exact p
         return x * keep * (1 / (1 - self.p))

@@ -15,7 +15,7 @@ def reuse_freed_host_memory() -> bool:
 
     By default glibc maps every block over 32 MiB afresh and unmaps it when it is freed. Autograd allocates the
     word-embedding gradient (30,522 x 384 floats, 47 MB) anew at every step, so each step paid a page fault for
-    every 4 KiB of it: 6% of a CPU training step on this project's machine (docs/benchmarks.md). The setting
+    every 4 KiB of it: 5.5% of a CPU training step on this project's machine (docs/benchmarks.md). The setting
     holds for the rest of the process. Returns False, and changes nothing, where the C library is not glibc.
     """
     if not sys.platform.startswith("linux"):

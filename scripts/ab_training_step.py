@@ -58,8 +58,8 @@ def main() -> None:
                 timed_step(model, optimizer, batch)
             seconds[name].append((time.perf_counter() - started) / len(batches))
     current = statistics.median(seconds.get("current", seconds[names[0]]))
-    print(f"{args.data}, {args.rounds} rounds of {args.block} steps\n| variant | median s/step | best | current's gain over it |")
-    print("|---|---|---|---|")
+    print(f"{args.data}, {args.rounds} rounds of {args.block} steps")
+    print("| variant | median s/step | best | current's gain over it |\n|---|---|---|---|")
     for name in names:
         median = statistics.median(seconds[name])
         print(f"| {name} | {median:.4f} | {min(seconds[name]):.4f} | {median / current:.3f}x |")

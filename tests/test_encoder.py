@@ -143,3 +143,4 @@ def test_cpu_dropout_keeps_each_value_with_probability_1_minus_p_and_rescales_it
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert abs((dropout(x.bfloat16()) != 0).float().mean().item() - 0.9) < 0.003
     assert torch.equal(dropout.eval()(x), x)
+    assert torch.equal(Dropout(1.0).train()(x), torch.zeros_like(x))  # torch's own kernel at p = 1
