@@ -7,6 +7,7 @@ import inspect
 import json
 
 from minilm_sts.datamodule import GUARD_NAME, GUARD_SOURCE, PairDataModule
+from minilm_sts.hardware import describe_machine
 from minilm_sts.losses import LOSSES, loss_of_set
 
 # Each loss as sentence-transformers' equivalent class and the parameters its cards list beside ours.
@@ -178,6 +179,8 @@ def _training(model, run, train) -> str:
         datasets = run.get("datasets", {}).get(split) or []
         parts += [f"### {heading}{'s' if len(datasets) > 1 else ''}"] if datasets else []
         parts += [f"#### {d['source']}\n\n{_dataset_block(d, model.hparams)}" for d in datasets]
+    hardware = _hardware(run)
+    parts += ["### Training Hardware", hardware] if hardware else []
     parts += ["### Training Hyperparameters", _hyperparameters(model, run)]
     if run.get("log"):
         parts += ["### Training Logs", _log_table(run)]
@@ -212,6 +215,14 @@ def _set_loss(h, d: dict) -> tuple[str, dict] | None:
         return h.loss, dict(h.loss_params or {})
     name = d.get("name")
     return loss_of_set(h.loss, h.loss_params, name) if name in h.loss else None
+
+
+def _hardware(run) -> str:
+    """The precision the run trained in (after any choice by hardware) and the machine it ran on."""
+    precision, found = run.get("trainer", {}).get("precision"), run.get("machine")
+    lines = [f"- Precision: `{precision}`"] if precision else []
+    lines += [f"- Machine: {describe_machine(found)}"] if found else []
+    return "\n".join(lines)
 
 
 def _token_stats(s: dict) -> str:

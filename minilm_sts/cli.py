@@ -18,12 +18,13 @@ from jsonargparse import lazy_instance
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from minilm_sts.callbacks import ExportBest, FitPlan, LastCheckpoint, SaveOnTerminate
 from minilm_sts.datamodule import PairDataModule
 from minilm_sts.errors import UserInputError
 from minilm_sts.export import export_with_card
+from minilm_sts.hardware import cpu_has_native_bf16, cpu_precision
 from minilm_sts.loading import check_checkpoint
 from minilm_sts.module import SentenceEmbedder
 from minilm_sts.run_folder import run_folder
@@ -89,9 +90,7 @@ class MiniLMCLI(LightningCLI):
         if uses_embedded_recipe(self.command_line):
             rank_zero_info(f"Recipe: the embedded STS-B default ({DEFAULT_RECIPE}); --config or --data.*_path "
                            "replace it with yours.")
-        # Precision follows the hardware unless the recipe or the command line chose one.
-        if config.trainer.precision is None:
-            config.trainer.precision = "16-mixed" if torch.cuda.is_available() else "32-true"
+        settle_precision(config.trainer, self.command_line)
         settle_training_length(config.trainer, self.command_line)
         if config.checkpoint.filename is None and config.checkpoint.monitor:
             config.checkpoint.filename = checkpoint_filename(config.checkpoint.monitor)
@@ -129,6 +128,26 @@ def settle_training_length(trainer, command_line: list[str]) -> None:
         trainer.max_steps = -1
     if trainer.max_epochs is None:
         trainer.max_epochs = 1 if trainer.max_steps in (None, -1) else -1
+
+
+def trains_on_cpu(accelerator) -> bool:
+    """Whether the trainer will run on the CPU: asked for, or `auto` on a machine with no GPU."""
+    if str(accelerator) == "cpu":
+        return True
+    return str(accelerator) in ("auto", "None") and not torch.cuda.is_available() and not torch.backends.mps.is_available()
+
+
+def settle_precision(trainer, command_line: list[str]) -> None:
+    """Precision follows the hardware: unset, 16-mixed on a GPU and 32-true on a CPU; on a CPU without native
+    bf16, a recipe's mixed precision becomes 32-true (hardware.cpu_precision), and the start-up log says so."""
+    on_cpu = trains_on_cpu(trainer.accelerator)
+    if trainer.precision is None:
+        trainer.precision = "32-true" if on_cpu else "16-mixed"
+    elif on_cpu:
+        trainer.precision, message, is_warning = cpu_precision(
+            trainer.precision, given(command_line, "--trainer.precision"), cpu_has_native_bf16())
+        if message:
+            (rank_zero_warn if is_warning else rank_zero_info)(message)
 
 
 def checkpoint_filename(monitor: str) -> str:

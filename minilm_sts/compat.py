@@ -7,6 +7,8 @@ a wrong number somewhere in a run.
 
 from __future__ import annotations
 
+import platform
+
 import torch
 
 
@@ -83,3 +85,14 @@ def validate_within_fit(trainer) -> None:
     trainer.fit_loop.epoch_loop.val_loop.run()
     trainer.training = True
     trainer._logger_connector._first_loop_iter = first_loop_iter
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 in hardware: AVX-512 BF16 or AMX on x86; on other CPUs, whether oneDNN
+    has a bf16 path.
+
+    Relies on torch's private `torch.cpu._is_avx512_bf16_supported`, `torch.cpu._is_amx_tile_supported` and
+    `torch.ops.mkldnn._is_mkldnn_bf16_supported`."""
+    if platform.machine().lower() in ("x86_64", "amd64", "i686", "x86"):
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return torch.ops.mkldnn._is_mkldnn_bf16_supported()

@@ -7,9 +7,9 @@ import warnings
 from typing import Any, Literal, Optional, Protocol, Union
 
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_info
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from minilm_sts.batching import PairBatches

@@ -15,8 +15,15 @@ from minilm_sts.encoder import BertConfig, BertModel
 from minilm_sts.errors import UserInputError
 from minilm_sts.host_memory import reuse_freed_host_memory
 from minilm_sts.losses import build_losses, loss_of_set
-from minilm_sts.module_callbacks import (NonFiniteLoss, NonFiniteLossCheckpoint, RandomStreamOnResume, RunRecord,
-                                         SkippedStepCounter, SplitEvaluation, ValidateBeforeTraining)
+from minilm_sts.module_callbacks import (
+    NonFiniteLoss,
+    NonFiniteLossCheckpoint,
+    RandomStreamOnResume,
+    RunRecord,
+    SkippedStepCounter,
+    SplitEvaluation,
+    ValidateBeforeTraining,
+)
 from minilm_sts.optimization import adamw, step_schedule
 from minilm_sts.pretrained import DEFAULT_MODEL
 

@@ -20,12 +20,13 @@ import platform
 from typing import Optional
 
 import lightning as L
-from lightning.pytorch.utilities.seed import isolate_rng
 import torch
+from lightning.pytorch.utilities.seed import isolate_rng
 
 from minilm_sts.compat import epoch_batch_index, step_loss, validate_within_fit
 from minilm_sts.datamodule import PairDataModule
 from minilm_sts.evaluation import PairScores, ScoredSet
+from minilm_sts.hardware import machine
 from minilm_sts.run_folder import save_emergency_checkpoint
 from minilm_sts.version import __version__
 
@@ -134,8 +135,8 @@ class ValidateBeforeTraining(ModuleCallback):
 
 class RunRecord(ModuleCallback):
     """What the model card states about a run, in plain values: the datasets (size, token and label statistics,
-    sample rows), the data and trainer settings, the checkpoint monitor, framework versions, a row per
-    validation (epoch, step, mean training loss since the previous validation, the monitored set's metrics),
+    sample rows), the data and trainer settings (the precision that really ran), the machine (`hardware.machine`),
+    the checkpoint monitor, framework versions, a row per validation (epoch, step, mean training loss since the previous validation, the monitored set's metrics),
     every evaluation set's latest metrics (`evaluation[stage][set]`) and, when the base model was validated
     before training, every set's metrics then (`before_training[set]`)."""
 
@@ -154,6 +155,7 @@ class RunRecord(ModuleCallback):
         if monitor is not None:
             self.record["monitor"] = {"key": monitor.monitor, "mode": monitor.mode}
         self.record["versions"] = framework_versions()
+        self.record["machine"] = machine()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         self._losses.append(step_loss(trainer, outputs))

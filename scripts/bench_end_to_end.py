@@ -29,7 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
+from minilm_sts.hardware import describe_machine, machine
+
 from benchmark import versions  # the in-process benchmark's, beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -149,7 +150,7 @@ def display_name(source: str) -> str:
 
 def markdown(r: dict) -> str:
     reference = r["sides"].get("sentence-transformers")
-    lines = [f"Train `{r['train']}`, validate `{r['val']}`; recipe `{Path(r['config']).name}`, precision {r['precision']}, "
+    lines = [f"Machine: {describe_machine(r['machine'])}.", "", f"Train `{r['train']}`, validate `{r['val']}`; recipe `{Path(r['config']).name}`, precision {r['precision']}, "
              f"{r['threads']} threads, batch 32, max length 128; steps {r['steps'][0]} and {r['steps'][1]}, "
              f"{r['rounds_run']} alternating round(s).", "",
              "| side | best s/step | median s/step | pairs/s (best) | start-up s | seed epoch, min | vs sentence-transformers | val Spearman |",
@@ -180,7 +181,7 @@ def main() -> None:
         sides = measure(args, Path(scratch))
     result = {"train": display_name(args.train), "val": display_name(args.val), "config": args.config, "precision": args.precision,
               "threads": args.threads, "steps": args.steps, "rounds_run": max((len(s["step_seconds"]) for s in sides.values()), default=0),
-              "sides": sides, "versions": versions("cuda" if torch.cuda.is_available() else "cpu"), "date": time.strftime("%Y-%m-%d"),
+              "sides": sides, "versions": versions(), "machine": {**machine(), "threads": args.threads}, "date": time.strftime("%Y-%m-%d"),
               "command": " ".join(sys.argv)}
     args.json.write_text(json.dumps(result, indent=2))
     print(markdown(result))

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -24,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from minilm_sts.hardware import describe_machine, machine
 
 MAX_SEQ_LENGTH = 128
 SEED_EPOCH_PAIRS = 489_640  # the seed model's training set
@@ -267,22 +268,18 @@ def main() -> None:
         "encode_sentences_per_sec": encode, **stats, **costs,
         "peak_rss_gib": {side.name: peak_rss_gib(key, args) for key, side in (("reference", reference), ("ours", ours))}
         if args.rss_steps else {},
-        "versions": versions(args.device), "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv),
+        "versions": versions(), "machine": machine(), "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv),
     }
     args.json.write_text(json.dumps(result, indent=2))
     print(markdown(result))
 
 
-def versions(device: str) -> dict[str, str]:
+def versions() -> dict[str, str]:
     import sentence_transformers
 
     from minilm_sts.module_callbacks import framework_versions
 
-    found = {**framework_versions(), "sentence-transformers": sentence_transformers.__version__,
-             "cpu": platform.processor() or platform.machine()}
-    if device == "cuda":
-        found["gpu"] = torch.cuda.get_device_name()
-    return found
+    return {**framework_versions(), "sentence-transformers": sentence_transformers.__version__}
 
 
 def markdown(r: dict) -> str:
@@ -297,7 +294,7 @@ def markdown(r: dict) -> str:
         rows.append(("peak GPU memory, GiB", r["peak_gpu_memory_gib"], ".2f"))
     rows.append((f"warm-up: first {r['steps_per_round']} steps (compilation included), s",
                  r["warmup_round_seconds"], ".1f"))
-    lines = [f"Data: `{r['data']}` ({r['pairs']:,} pairs), batch {r['batch_size']}, max length {MAX_SEQ_LENGTH}, "
+    lines = [f"Machine: {describe_machine(r['machine'])}.", "", f"Data: `{r['data']}` ({r['pairs']:,} pairs), batch {r['batch_size']}, max length {MAX_SEQ_LENGTH}, "
              f"{r['device']}, precision {r['precision']}, {r['threads']} threads, {r['train_steps_measured']} measured "
              "steps per side.", "", "| measure | " + " | ".join([ref] + [f"{name} | ratio" for name in ours]) + " |",
              "|---|---|" + "---|---|" * len(ours)]

@@ -6,6 +6,7 @@ Data the tests read lives inside the repository (tests/fixtures/, the packaged S
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -27,13 +28,16 @@ def isolated_cache(tmp_path_factory, monkeypatch):
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A 2-layer, 32-wide BERT saved by transformers itself (so its key names are Hugging Face's)."""
     import torch
-    from transformers import BertConfig, BertModel, BertTokenizer
+    from transformers import AutoTokenizer, BertConfig, BertModel
 
     folder = tmp_path_factory.mktemp("tiny-bert")
     letters = "abcdefghijklmnopqrstuvwxyz0123456789"
     tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *letters, *".,!?'-", *("##" + c for c in letters), *WORDS]
-    vocab = {token: i for i, token in enumerate(dict.fromkeys(tokens))}
-    BertTokenizer(vocab=vocab, do_lower_case=True).save_pretrained(folder)
+    vocab = list(dict.fromkeys(tokens))
+    # A vocab.txt and a tokenizer config, the form that transformers 4.x and 5.x both read.
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "BertTokenizer", "do_lower_case": True}))
+    AutoTokenizer.from_pretrained(folder).save_pretrained(folder)
     torch.manual_seed(0)
     config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                         intermediate_size=64, max_position_embeddings=128)

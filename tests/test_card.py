@@ -40,6 +40,9 @@ def test_model_card_states_the_run(trained_checkpoint, pair_files, tmp_path):
     assert "`batch_size`: 8" in card.split("#### All Hyperparameters")[0]  # non-default
     assert "- PyTorch: " + torch.__version__ in card and "CosineSimilarityLoss" in card
     assert "| Metric | validation |\n" in card  # no test column: no test was run
+    machine = record.record["machine"]
+    assert "### Training Hardware\n\n- Precision: `32-true`\n- Machine: " in card  # what really ran, and where
+    assert f"({machine['cpu_capability']}, " in card
 
 
 def test_a_checkpoint_of_the_previous_format_gives_the_same_card(trained_checkpoint, tmp_path):

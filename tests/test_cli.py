@@ -23,6 +23,7 @@ def resolved(*args: str) -> dict:
     return yaml.safe_load(cli("fit", *args, "--print_config").stdout)
 
 
+@pytest.mark.slow
 def test_no_argument_default_is_the_stsb_recipe():
     default = resolved()
     assert default == resolved("--config", "configs/stsb.yaml")
@@ -34,6 +35,7 @@ def test_no_argument_default_is_the_stsb_recipe():
     assert default["periodic_checkpoint"]["save_last"] is True  # the one writer of last.ckpt
 
 
+@pytest.mark.slow
 def test_stackexchange_recipes_state_what_they_reproduce():
     card = resolved("--config", "configs/stackexchange.yaml")
     assert card["trainer"]["precision"] == "16-mixed" and card["trainer"]["val_check_interval"] == 500
@@ -46,6 +48,7 @@ def test_stackexchange_recipes_state_what_they_reproduce():
         assert (ROOT / "configs" / f"{recipe}.yaml").read_text().startswith("# ")
 
 
+@pytest.mark.slow
 def test_the_duplicates_recipe_trains_each_set_with_its_loss_and_selects_on_retrieval():
     recipe = resolved("--config", "configs/duplicates.yaml")
     assert recipe["model"]["loss"] == {"duplicates": "mnrl", "stsb": "cosent"}
@@ -55,6 +58,7 @@ def test_the_duplicates_recipe_trains_each_set_with_its_loss_and_selects_on_retr
     assert (recipe["model"]["lr"], recipe["model"]["warmup_steps"], recipe["trainer"]["max_steps"]) == (2e-5, 100, 2000)
 
 
+@pytest.mark.slow
 def test_the_duplicates_recipe_runs_as_the_readme_gives_it(tiny_model_dir, pair_files, tmp_path):
     graded = read_pairs(str(pair_files["train"]))
     binary = [[a, b, float(label >= 0.5)] for a, b, label in zip(graded.sentences_a, graded.sentences_b, graded.labels)]
@@ -72,6 +76,7 @@ def test_the_duplicates_recipe_runs_as_the_readme_gives_it(tiny_model_dir, pair_
     assert "spearman_cosine" in record["evaluation"]["val"]["stsb"]
 
 
+@pytest.mark.slow
 def test_unknown_config_key_is_rejected():
     result = cli("fit", "--model.learning_rate", "1e-4", "--print_config", check=False)
     assert result.returncode != 0 and "learning_rate" in result.stderr
@@ -126,6 +131,7 @@ def test_fit_runs_twice_in_one_folder_with_offline_wandb(tiny_model_dir, pair_fi
         assert {"cosine_vs_label_step0.png", "cosine_vs_label_step2.png", "cosine_vs_label_step4.png"} <= names
 
 
+@pytest.mark.slow
 def test_logger_can_be_switched_off(tiny_model_dir, pair_files, tmp_path):
     cli("fit", "--model.pretrained", str(tiny_model_dir), "--data.train_path", str(pair_files["train"]),
         "--data.val_path", str(pair_files["val"]), "--trainer.max_steps", "1", "--trainer.logger", "false",
@@ -134,6 +140,7 @@ def test_logger_can_be_switched_off(tiny_model_dir, pair_files, tmp_path):
     assert any((tmp_path / "runs").rglob("last.ckpt"))
 
 
+@pytest.mark.slow
 def test_bad_data_fails_before_training(tiny_model_dir, pair_files, tmp_path):
     bad = tmp_path / "bad.tsv"
     bad.write_text("sentence_0\tsentence_1\tlabel\na dog\ta cat\t0.5\na dog\ta cat\tabc\n")
@@ -156,6 +163,7 @@ def write_user_recipe(folder: Path, pair_files) -> Path:
     return recipe
 
 
+@pytest.mark.slow
 def test_a_user_recipe_gets_the_documented_defaults_and_no_inherited_data(pair_files, tmp_path):
     import inspect
 
@@ -172,6 +180,7 @@ def test_a_user_recipe_gets_the_documented_defaults_and_no_inherited_data(pair_f
     assert resolved("--data.train_path", str(pair_files["train"]))["data"]["val_path"] is None
 
 
+@pytest.mark.slow
 def test_test_of_a_user_recipe_scores_no_set_it_did_not_name(tiny_model_dir, pair_files, tmp_path):
     result = cli("test", "--config", str(write_user_recipe(tmp_path, pair_files)), "--model.pretrained",
                  str(tiny_model_dir), "--trainer.logger", "false", cwd=tmp_path, check=False)
@@ -179,6 +188,7 @@ def test_test_of_a_user_recipe_scores_no_set_it_did_not_name(tiny_model_dir, pai
     assert result.stderr.strip().splitlines()[-1] == "error: no test data: set --data.test_path"
 
 
+@pytest.mark.slow
 def test_short_run_validates_at_its_end_and_the_summary_gives_the_next_commands(tiny_model_dir, pair_files, tmp_path):
     """7 steps with the default validation interval (500): the run still validates at step 7, keeps that
     checkpoint as the best, and the closing summary's test command runs as printed."""
@@ -266,6 +276,7 @@ def test_a_user_error_is_one_message_and_exit_status_2(tiny_model_dir, pair_file
         main([*args, "--debug"])
 
 
+@pytest.mark.slow
 def test_a_user_error_prints_no_traceback_and_debug_shows_it(tmp_path, monkeypatch):
     from minilm_sts.cli import main
 

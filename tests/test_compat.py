@@ -1,15 +1,16 @@
 """Each framework internal that minilm_sts.compat relies on still exists and behaves as assumed, and pyproject
-bounds torch and Lightning to versions this suite has run with. An upgrade that breaks one fails here by name."""
+bounds torch, Lightning and transformers to versions this suite has run with. An upgrade that breaks one fails
+here by name."""
 
 import csv
 import re
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.loggers import CSVLogger
 import pytest
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.loggers import CSVLogger
 from packaging.requirements import Requirement
 from torch.utils.data import DataLoader
 
@@ -104,7 +105,19 @@ def test_onednn_linear_equals_the_default_linear():
         assert torch.allclose(compat.onednn_linear(x, weight, bias), F.linear(x, weight, bias), atol=1e-5)
 
 
-@pytest.mark.parametrize("package", ["torch", "lightning"])
+def test_native_bf16_is_read_from_the_cpus_instruction_sets():
+    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").is_file() else []
+    if not flags:  # not Linux: the answer is oneDNN's or torch's own, which this test cannot cross-check
+        assert isinstance(compat.cpu_has_native_bf16(), bool)
+        return
+    native = "avx512_bf16" in flags or "amx_bf16" in flags
+    if "avx2" in flags:  # x86: torch's reading must agree with the kernel's list of CPU flags
+        assert compat.cpu_has_native_bf16() == native
+    else:
+        assert isinstance(compat.cpu_has_native_bf16(), bool)
+
+
+@pytest.mark.parametrize("package", ["torch", "lightning", "transformers"])
 def test_pyproject_bounds_the_framework_above_and_admits_the_installed_version(package):
     pyproject = (ROOT / "pyproject.toml").read_text()
     (line,) = re.findall(rf'^\s*"({package}\s*[<>=!~][^"]*)"', pyproject, flags=re.MULTILINE)

@@ -12,8 +12,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minilm_sts.evaluation import (DuplicateRetrieval, PairScores, binary_classification, pair_metrics,
-                                   retrieval_metrics, top_k_search)
+from minilm_sts.evaluation import (
+    DuplicateRetrieval,
+    PairScores,
+    binary_classification,
+    pair_metrics,
+    retrieval_metrics,
+    top_k_search,
+)
 
 TOLERANCE = 1e-6
 CORRELATION_KEYS = {"pearson_cosine", "spearman_cosine"}
@@ -293,6 +299,7 @@ def stsb_dev():
 
 
 @pytest.mark.parity
+@pytest.mark.slow
 def test_binary_classification_matches_sentence_transformers_on_real_weights(models, stsb_dev):
     from sentence_transformers.sentence_transformer.evaluation import BinaryClassificationEvaluator
 
@@ -319,6 +326,7 @@ def test_binary_classification_matches_sentence_transformers_on_real_weights(mod
 
 
 @pytest.mark.parity
+@pytest.mark.slow
 def test_duplicate_retrieval_matches_sentence_transformers_on_real_weights(models, stsb_dev):
     reference_model, ours = models
     rows = slice(0, 400)

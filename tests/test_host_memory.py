@@ -4,6 +4,8 @@ import resource
 import subprocess
 import sys
 
+import pytest
+
 from helpers import run
 
 # In a fresh process, so that the setting does not carry into the other tests' allocations.
@@ -26,6 +28,7 @@ def page_faults_of_a_later_allocation(mode: str) -> tuple[str, int]:
     return applied, int(faults)
 
 
+@pytest.mark.slow
 def test_a_freed_embedding_sized_block_is_reused_without_page_faults():
     pages = 30522 * 384 * 4 // resource.getpagesize()
     _, faults_by_default = page_faults_of_a_later_allocation("default")

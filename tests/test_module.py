@@ -9,8 +9,8 @@ import torch
 from minilm_sts.datamodule import PairDataModule
 from minilm_sts.errors import UserInputError
 from minilm_sts.module import SentenceEmbedder
-from minilm_sts.optimization import lr_multiplier
 from minilm_sts.module_callbacks import RunRecord, SkippedStepCounter
+from minilm_sts.optimization import lr_multiplier
 
 
 @pytest.mark.parametrize("warmup, total", [(0, 50), (10, 50), (7, 7)])

@@ -6,14 +6,13 @@ import csv
 from pathlib import Path
 
 import lightning as L
+import pytest
+import torch
 from lightning import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
-import pytest
-import torch
 
 from minilm_sts.card import render_model_card
-
 from minilm_sts.datamodule import PairDataModule
 from minilm_sts.evaluation import DuplicateRetrieval, binary_classification
 from minilm_sts.module import SentenceEmbedder
@@ -133,6 +132,7 @@ def guarded_fit(model_dir, pair_files, root, forgetting_guard=True):
         return model, trainer, list(csv.DictReader(handle))
 
 
+@pytest.mark.slow
 def test_the_forgetting_guard_is_validated_before_and_after_training_and_changes_nothing_else(
         tiny_model_dir, pair_files, tmp_path):
     model, trainer, rows = guarded_fit(tiny_model_dir, pair_files, tmp_path / "guarded")

@@ -4,7 +4,6 @@ uninterrupted run (CPU, same seed), at the same step and in the same data order.
 import signal
 import subprocess
 import sys
-
 from pathlib import Path
 
 import lightning as L
@@ -44,6 +43,7 @@ def test_resume_mid_epoch_equals_uninterrupted(tiny_model_dir, pair_files, tmp_p
     assert_same_run(full, full_trainer, resumed, resumed_trainer)
 
 
+@pytest.mark.slow
 def test_a_guarded_run_resumes_without_validating_before_training_again(tiny_model_dir, pair_files, tmp_path):
     """The validation before the first step belongs to the fresh run: a resumed one keeps its numbers from the
     checkpoint and ends as the uninterrupted run does."""
