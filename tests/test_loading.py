@@ -10,12 +10,15 @@ import pytest
 import torch
 
 import minilm_sts
+from minilm_sts.datamodule import PairDataModule
 from minilm_sts.embedder import SentenceEncoder
 from minilm_sts.module import SentenceEmbedder
 from minilm_sts.pairs import read_pairs
 
 # Written by the code before SentenceEncoder existed (state-dict keys `encoder.*`); make.py there says how.
 PREVIOUS_LAYOUT = Path(__file__).resolve().parent / "fixtures" / "checkpoint_v0"
+# Written by the last flat-layout code (31 modules, before the subpackages): a checkpoint, its export, its data.
+FLAT_LAYOUT = Path(__file__).resolve().parent / "fixtures" / "checkpoint_v1"
 SENTENCES = read_pairs("builtin:stsb/dev").sentences_a[:64]
 
 
@@ -67,6 +70,28 @@ def test_checkpoints_of_the_previous_layout_load_with_the_embeddings_they_gave()
     model = SentenceEmbedder.load_from_checkpoint(path)
     assert torch.allclose(model.encode(expected["sentences"]), embeddings, atol=1e-6)
     assert "embedder.bert.embeddings.word_embeddings.weight" in model.state_dict()
+
+
+def test_a_checkpoint_and_export_of_the_flat_layout_load_with_the_embeddings_they_gave():
+    expected = json.loads((FLAT_LAYOUT / "expected.json").read_text())
+    embeddings = torch.tensor(expected["embeddings"])
+    for source in (FLAT_LAYOUT / "last.ckpt", FLAT_LAYOUT / "export"):
+        assert torch.allclose(minilm_sts.load(source).encode(expected["sentences"]), embeddings, atol=1e-6), source
+    card = (FLAT_LAYOUT / "export" / "README.md").read_text()
+    assert "fine-tuned with minilm_sts" in card and "### Training Hardware" in card
+
+
+def test_a_checkpoint_of_the_flat_layout_resumes(tmp_path):
+    path = FLAT_LAYOUT / "last.ckpt"
+    model = SentenceEmbedder.load_from_checkpoint(path)
+    data = PairDataModule(str(FLAT_LAYOUT / "train.tsv"), str(FLAT_LAYOUT / "dev.tsv"), None, batch_size=8,
+                          forgetting_guard=False)
+    trainer = L.Trainer(max_steps=4, val_check_interval=2, check_val_every_n_epoch=None, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, num_sanity_val_steps=0,
+                        default_root_dir=tmp_path)
+    trainer.fit(model, data, ckpt_path=path)
+    record = next(c for c in trainer.callbacks if type(c).__name__ == "RunRecord").record
+    assert trainer.global_step == 4 and [row["step"] for row in record["log"]] == [2, 4]
 
 
 def test_damaged_or_foreign_checkpoints_are_refused_clearly(tiny_model_dir, tmp_path):
