@@ -1,4 +1,4 @@
-from minilm_sts.cli import main
+from minilm_sts.cli.commands import main
 
 if __name__ == "__main__":
     main()

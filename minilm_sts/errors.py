@@ -1,4 +1,5 @@
-"""The one exception type for mistakes in what the user gave (data, paths, option values, model names)."""
+"""Every exception type for mistakes in what the user gave (data, paths, option values, model names, dumps): each
+derives from UserInputError, which the command line prints as one `error:` line."""
 
 
 class UserInputError(ValueError):
@@ -12,3 +13,11 @@ class MissingInputError(UserInputError, FileNotFoundError):
 
 class OutputExistsError(UserInputError, FileExistsError):
     """A folder the user asked us to write already holds something we would replace."""
+
+
+class PairDataError(UserInputError):
+    """Bad input in a pair source; the message names the source, the row, the column and what was expected."""
+
+
+class DumpError(UserInputError):
+    """A dump that cannot be read; the message names the file and what is wrong."""

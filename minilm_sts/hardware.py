@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from minilm_sts.compat import cpu_has_native_bf16
+from minilm_sts._compat import cpu_has_native_bf16
 
 # Asked for on a CPU, each of these runs in bf16 (Lightning turns 16-mixed into bf16-mixed there).
 BF16_ON_CPU = {"16-mixed", "bf16-mixed", "16", "bf16"}

@@ -20,10 +20,11 @@ import time
 import torch.nn as nn
 from profile_step import timed_step, training_setup  # beside this script
 
-from minilm_sts import encoder, host_memory
+from minilm_sts.model import cpu_kernels
+from minilm_sts.training import host_memory
 
 GLIBC_DEFAULTS = {"M_MMAP_MAX": 65536, "M_TRIM_THRESHOLD": 128 * 1024}
-CURRENT_DROPOUT = encoder.Dropout.forward
+CURRENT_DROPOUT = cpu_kernels.Dropout.forward
 
 
 def set_variant(name: str) -> None:
@@ -33,7 +34,7 @@ def set_variant(name: str) -> None:
         mallopt(host_memory.M_TRIM_THRESHOLD, GLIBC_DEFAULTS["M_TRIM_THRESHOLD"])
     else:
         host_memory.reuse_freed_host_memory()
-    encoder.Dropout.forward = nn.Dropout.forward if name == "torch-dropout" else CURRENT_DROPOUT
+    cpu_kernels.Dropout.forward = nn.Dropout.forward if name == "torch-dropout" else CURRENT_DROPOUT
 
 
 def main() -> None:

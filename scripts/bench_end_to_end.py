@@ -9,7 +9,8 @@ rounds alternate the sides (A B A B) and each side reports its best round and th
 process fails is reported and left out; the others go on.
 
     python scripts/bench_end_to_end.py                      # STS-B train, fp32, 2 rounds
-    python scripts/bench_end_to_end.py --train ../quora/train.tsv --val ../quora/dev.tsv --config configs/stackexchange.yaml
+    python scripts/bench_end_to_end.py --train ../quora/train.tsv --val ../quora/dev.tsv \
+--config configs/stackexchange.yaml
 
 Our side exits non-zero on a non-finite loss, so a finished run means every loss was finite; its validation
 Spearman is read from the best checkpoint's name. It is a measurement, not a test: nothing here asserts a speed.
@@ -138,7 +139,8 @@ def measure(args, scratch: Path) -> dict:
         if not per_step:
             results.pop(side)
             continue
-        result.update(step_seconds=per_step, best_step_seconds=min(per_step), median_step_seconds=statistics.median(per_step),
+        result.update(step_seconds=per_step, best_step_seconds=min(per_step),
+                      median_step_seconds=statistics.median(per_step),
                       startup_seconds=min(result["seconds"][few]) - few * min(per_step))
     return results
 
@@ -150,10 +152,13 @@ def display_name(source: str) -> str:
 
 def markdown(r: dict) -> str:
     reference = r["sides"].get("sentence-transformers")
-    lines = [f"Machine: {describe_machine(r['machine'])}.", "", f"Train `{r['train']}`, validate `{r['val']}`; recipe `{Path(r['config']).name}`, precision {r['precision']}, "
+    lines = [f"Machine: {describe_machine(r['machine'])}.", "",
+             f"Train `{r['train']}`, validate `{r['val']}`; recipe `{Path(r['config']).name}`, "
+             f"precision {r['precision']}, "
              f"{r['threads']} threads, batch 32, max length 128; steps {r['steps'][0]} and {r['steps'][1]}, "
              f"{r['rounds_run']} alternating round(s).", "",
-             "| side | best s/step | median s/step | pairs/s (best) | start-up s | seed epoch, min | vs sentence-transformers | val Spearman |",
+             "| side | best s/step | median s/step | pairs/s (best) | start-up s | seed epoch, min "
+             "| vs sentence-transformers | val Spearman |",
              "|---|---|---|---|---|---|---|---|"]
     for side, s in r["sides"].items():
         ratio = f"{reference['best_step_seconds'] / s['best_step_seconds']:.2f}x" if reference else "-"
@@ -173,16 +178,17 @@ def main() -> None:
     args.train, args.val = (source if source.startswith("builtin:") else str(Path(source).resolve())
                             for source in (args.train, args.val))
     if args.model is None:
-        from minilm_sts.pretrained import DEFAULT_MODEL, resolve_pretrained
+        from minilm_sts.model.pretrained import DEFAULT_MODEL, resolve_pretrained
 
         args.model = str(resolve_pretrained(DEFAULT_MODEL))
     args.model = str(Path(args.model).resolve()) if Path(args.model).exists() else args.model
     with tempfile.TemporaryDirectory() as scratch:
         sides = measure(args, Path(scratch))
-    result = {"train": display_name(args.train), "val": display_name(args.val), "config": args.config, "precision": args.precision,
-              "threads": args.threads, "steps": args.steps, "rounds_run": max((len(s["step_seconds"]) for s in sides.values()), default=0),
-              "sides": sides, "versions": versions(), "machine": {**machine(), "threads": args.threads}, "date": time.strftime("%Y-%m-%d"),
-              "command": " ".join(sys.argv)}
+    result = {"train": display_name(args.train), "val": display_name(args.val), "config": args.config,
+              "precision": args.precision, "threads": args.threads, "steps": args.steps,
+              "rounds_run": max((len(s["step_seconds"]) for s in sides.values()), default=0),
+              "sides": sides, "versions": versions(), "machine": {**machine(), "threads": args.threads},
+              "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv)}
     args.json.write_text(json.dumps(result, indent=2))
     print(markdown(result))
 

@@ -32,7 +32,8 @@ SEED_EPOCH_PAIRS = 489_640  # the seed model's training set
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default="builtin:stsb/train", help="a pair file (default: the packaged STS-B train split)")
+    parser.add_argument("--data", default="builtin:stsb/train",
+                        help="a pair file (default: the packaged STS-B train split)")
     parser.add_argument("--label-scale", type=float, default=1.0)
     parser.add_argument("--model", default=None, help="model id or folder for both sides (default: all-MiniLM-L6-v2)")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -55,7 +56,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def model_path(name: str | None) -> str:
-    from minilm_sts.pretrained import DEFAULT_MODEL, resolve_pretrained
+    from minilm_sts.model.pretrained import DEFAULT_MODEL, resolve_pretrained
 
     return str(resolve_pretrained(name or DEFAULT_MODEL))
 
@@ -94,15 +95,15 @@ class Trainee:
 
 class Ours(Trainee):
     def __init__(self, pairs, model: str, device: str, precision: str, compile: bool = False):
-        from minilm_sts.datamodule import PairDataset
-        from minilm_sts.module import SentenceEmbedder
+        from minilm_sts.data.pair_data_module import PairDataset
+        from minilm_sts.training.sentence_encoder_training import SentenceEncoderTraining
 
-        super().__init__(SentenceEmbedder(pretrained=model, compile=compile), device, precision)
+        super().__init__(SentenceEncoderTraining(pretrained=model, compile=compile), device, precision)
         self.name = "minilm_sts compiled" if compile else "minilm_sts"
         self.dataset = PairDataset(pairs)
 
     def loss(self, indices: list[int]) -> torch.Tensor:
-        from minilm_sts.losses import cosine_mse_loss
+        from minilm_sts.training.losses import cosine_mse_loss
 
         batch = {k: v.to(self.device) for k, v in self.dataset.collate(indices).items()}
         u, v = self.model(batch["input_ids"], batch["lengths"]).chunk(2)
@@ -127,7 +128,8 @@ class Reference(Trainee):
         a = [self.table.sentences_a[i] for i in indices]
         b = [self.table.sentences_b[i] for i in indices]
         labels = torch.tensor([self.table.labels[i] for i in indices], device=self.device)
-        features = [{k: v.to(self.device) if torch.is_tensor(v) else v for k, v in self.model.preprocess(column).items()}
+        features = [{k: v.to(self.device) if torch.is_tensor(v) else v
+                     for k, v in self.model.preprocess(column).items()}
                     for column in (a, b)]
         return self.criterion(features, labels)
 
@@ -163,7 +165,7 @@ def peak_gpu_memory(sides, plan: list[list[int]]) -> dict[str, float]:
 def padding_stats(table, pairs, plan) -> dict[str, float]:
     """Per batch: real tokens, what the reference computes (each column padded to its longest), and the
     attention blocks minilm_sts pads for (sentences in groups of similar length, each padded to its longest)."""
-    from minilm_sts.encoder import PackedLayout
+    from minilm_sts.model.bert import PackedLayout
 
     real, reference, attention = [], [], []
     for indices in plan:
@@ -173,12 +175,13 @@ def padding_stats(table, pairs, plan) -> dict[str, float]:
         reference.append(len(indices) * (max(lengths_a) + max(lengths_b)))
         groups = PackedLayout(torch.tensor(lengths_a + lengths_b)).groups
         attention.append(sum(count * width for _, count, width, _ in groups))
-    return {"real_tokens_per_batch": float(np.mean(real)), "reference_padded_tokens_per_batch": float(np.mean(reference)),
+    return {"real_tokens_per_batch": float(np.mean(real)),
+            "reference_padded_tokens_per_batch": float(np.mean(reference)),
             "attention_block_tokens_per_batch": float(np.mean(attention))}
 
 
 def tokenization_cost(source: str, label_scale: float, tokenizer) -> dict[str, float]:
-    from minilm_sts.tokenized import load_tokenized
+    from minilm_sts.data.token_cache import load_tokenized
 
     with tempfile.TemporaryDirectory() as cache:
         os.environ["MINILM_STS_CACHE"] = cache
@@ -216,15 +219,17 @@ def child(args) -> None:
 
 def train_in_child(args) -> None:
     if args.child == "ours":
-        from minilm_sts.cli import main
+        from minilm_sts.cli.commands import main
 
-        main(["fit", "--model.pretrained", model_path(args.model), "--data.train_path", args.data, "--data.label_scale", str(args.label_scale),
-              "--data.val_path", "builtin:stsb/dev", "--data.test_path", "null", "--data.batch_size", str(args.batch_size),
+        main(["fit", "--model.pretrained", model_path(args.model), "--data.train_path", args.data,
+              "--data.label_scale", str(args.label_scale),
+              "--data.val_path", "builtin:stsb/dev", "--data.test_path", "null",
+              "--data.batch_size", str(args.batch_size),
               "--trainer.max_steps", str(args.rss_steps), "--trainer.val_check_interval", str(args.rss_steps),
               "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
               "--trainer.default_root_dir", tempfile.mkdtemp(), "--trainer.num_sanity_val_steps", "0"])
         return
-    from minilm_sts.pairs import read_pairs
+    from minilm_sts.data.pairs import read_pairs
 
     table = read_pairs(args.data, label_scale=args.label_scale)
     reference = Reference(table, model_path(args.model), args.device, args.precision)
@@ -239,14 +244,16 @@ def main() -> None:
         return child(args)
     from transformers import AutoTokenizer
 
-    from minilm_sts.pairs import read_pairs
+    from minilm_sts.data.pairs import read_pairs
 
     model = model_path(args.model)
     tokenizer = AutoTokenizer.from_pretrained(model)
     costs, pairs = tokenization_cost(args.data, args.label_scale, tokenizer)
     table = read_pairs(args.data, label_scale=args.label_scale)
-    ours, reference = Ours(pairs, model, args.device, args.precision), Reference(table, model, args.device, args.precision)
-    sides = [reference, ours] + ([Ours(pairs, model, args.device, args.precision, compile=True)] if args.compile else [])
+    ours, reference = (Ours(pairs, model, args.device, args.precision),
+                       Reference(table, model, args.device, args.precision))
+    sides = [reference, ours] + ([Ours(pairs, model, args.device, args.precision, compile=True)]
+                                 if args.compile else [])
     plan = iter(batch_plan(len(table), args.batch_size, (args.rounds + 1) * args.steps * len(sides)))
     step_seconds, warmup_seconds = alternate(sides, lambda side: side.step(next(plan)), args.rounds, args.steps)
     stats = padding_stats(table, pairs, batch_plan(len(table), args.batch_size, 200))
@@ -277,7 +284,7 @@ def main() -> None:
 def versions() -> dict[str, str]:
     import sentence_transformers
 
-    from minilm_sts.module_callbacks import framework_versions
+    from minilm_sts.training.callbacks.run_record import framework_versions
 
     return {**framework_versions(), "sentence-transformers": sentence_transformers.__version__}
 
@@ -285,25 +292,31 @@ def versions() -> dict[str, str]:
 def markdown(r: dict) -> str:
     ref = "sentence-transformers"
     ours = [name for name in r["train_pairs_per_sec"] if name != ref]
-    rows = [("training pairs/s", r["train_pairs_per_sec"], ".1f"), ("training real tokens/s", r["train_tokens_per_sec"], ".0f"),
+    rows = [("training pairs/s", r["train_pairs_per_sec"], ".1f"),
+            ("training real tokens/s", r["train_tokens_per_sec"], ".0f"),
             (f"projected {SEED_EPOCH_PAIRS:,}-pair epoch, minutes", r["seed_epoch_minutes"], ".1f")]
-    rows += [(f"encode sentences/s, batch {size}", values, ".1f") for size, values in r["encode_sentences_per_sec"].items()]
+    rows += [(f"encode sentences/s, batch {size}", values, ".1f")
+             for size, values in r["encode_sentences_per_sec"].items()]
     if r["peak_rss_gib"]:
         rows.append((f"peak RSS of a {r['rss_steps']}-step training run, GiB", r["peak_rss_gib"], ".2f"))
     if r["peak_gpu_memory_gib"]:
         rows.append(("peak GPU memory, GiB", r["peak_gpu_memory_gib"], ".2f"))
     rows.append((f"warm-up: first {r['steps_per_round']} steps (compilation included), s",
                  r["warmup_round_seconds"], ".1f"))
-    lines = [f"Machine: {describe_machine(r['machine'])}.", "", f"Data: `{r['data']}` ({r['pairs']:,} pairs), batch {r['batch_size']}, max length {MAX_SEQ_LENGTH}, "
+    lines = [f"Machine: {describe_machine(r['machine'])}.", "",
+             f"Data: `{r['data']}` ({r['pairs']:,} pairs), batch {r['batch_size']}, max length {MAX_SEQ_LENGTH}, "
              f"{r['device']}, precision {r['precision']}, {r['threads']} threads, {r['train_steps_measured']} measured "
              "steps per side.", "", "| measure | " + " | ".join([ref] + [f"{name} | ratio" for name in ours]) + " |",
              "|---|---|" + "---|---|" * len(ours)]
-    lines += [f"| {name} | {v[ref]:{fmt}} | " + " | ".join(f"{v[side]:{fmt}} | {v[side] / v[ref]:.2f}x" for side in ours if side in v)
+    lines += [f"| {name} | {v[ref]:{fmt}} | "
+              + " | ".join(f"{v[side]:{fmt}} | {v[side] / v[ref]:.2f}x" for side in ours if side in v)
               + " |" for name, v, fmt in rows]
     lines += ["", "| tokens per batch | |", "|---|---|",
               f"| real (what minilm_sts's projections and feed-forward compute) | {r['real_tokens_per_batch']:.0f} |",
-              f"| sentence-transformers (each column padded to its longest) | {r['reference_padded_tokens_per_batch']:.0f} |",
-              f"| minilm_sts attention blocks (padded only inside attention, by length group) | {r['attention_block_tokens_per_batch']:.0f} |",
+              "| sentence-transformers (each column padded to its longest) | "
+              f"{r['reference_padded_tokens_per_batch']:.0f} |",
+              "| minilm_sts attention blocks (padded only inside attention, by length group) | "
+              f"{r['attention_block_tokens_per_batch']:.0f} |",
               "", f"Tokenizing the dataset once: {r['tokenize_seconds']:.1f} s; reloading it from the cache: "
               f"{r['cached_reload_seconds']:.2f} s.", "",
               f"Measured {r['date']} with `python {r['command']}`; "

@@ -10,7 +10,7 @@ import io
 import sys
 from pathlib import Path
 
-from minilm_sts.pairs import PairTable, read_pairs
+from minilm_sts.data.pairs import PairTable, read_pairs
 
 STSB_TOP_SCORE = 5.0
 

@@ -42,7 +42,7 @@ def copy_pairs(source: Path, target: Path, rows: int) -> None:
 
 
 def main() -> None:
-    from minilm_sts.pretrained import DEFAULT_MODEL, resolve_pretrained
+    from minilm_sts.model.pretrained import DEFAULT_MODEL, resolve_pretrained
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     default_pairs = Path(__file__).resolve().parents[2] / "shared/data/quora_dup_random"

@@ -40,15 +40,15 @@ def matmul_gflops(size: int = 1024, repeats: int = 20) -> float:
 def training_setup(data: str, batch_size: int, steps: int):
     """The model, fused AdamW and `steps` batches of `data` in the order fit would draw them, with the host
     memory setting that `fit` applies on a CPU."""
-    from minilm_sts.datamodule import PairDataset
-    from minilm_sts.host_memory import reuse_freed_host_memory
-    from minilm_sts.module import SentenceEmbedder
-    from minilm_sts.optimization import adamw
-    from minilm_sts.tokenized import load_tokenized
+    from minilm_sts.data.pair_data_module import PairDataset
+    from minilm_sts.data.token_cache import load_tokenized
+    from minilm_sts.training.host_memory import reuse_freed_host_memory
+    from minilm_sts.training.optimization import adamw
+    from minilm_sts.training.sentence_encoder_training import SentenceEncoderTraining
 
-    reuse_freed_host_memory()  # as SentenceEmbedder.on_fit_start does on a CPU
+    reuse_freed_host_memory()  # as SentenceEncoderTraining.on_fit_start does on a CPU
     torch.manual_seed(0)
-    model = SentenceEmbedder().train()
+    model = SentenceEncoderTraining().train()
     dataset = PairDataset(load_tokenized(data, model.tokenizer, model.max_seq_length))
     optimizer = adamw(model.named_parameters(), 5e-5, 0.0, False, fused=True)
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0)).tolist()
@@ -58,7 +58,7 @@ def training_setup(data: str, batch_size: int, steps: int):
 def timed_step(model, optimizer, batch: dict) -> dict[str, float]:
     """One training step as fit runs it, in seconds per part: forward with the loss, backward, then clipping
     and the optimizer step."""
-    from minilm_sts.losses import cosine_mse_loss
+    from minilm_sts.training.losses import cosine_mse_loss
 
     started = time.perf_counter()
     u, v = model(batch["input_ids"], batch["lengths"]).chunk(2)

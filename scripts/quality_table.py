@@ -32,10 +32,11 @@ import torch
 import torch.nn.functional as F
 
 from minilm_sts import SentenceEncoder, load
-from minilm_sts.evaluation import DuplicateRetrieval, binary_classification
-from minilm_sts.pairs import read_pairs
-from minilm_sts.pretrained import DEFAULT_MODEL
-from minilm_sts.similarity import correlations
+from minilm_sts.data.pairs import read_pairs
+from minilm_sts.evaluation.binary import binary_classification
+from minilm_sts.evaluation.correlations import correlations
+from minilm_sts.evaluation.retrieval import DuplicateRetrieval
+from minilm_sts.model.pretrained import DEFAULT_MODEL
 
 ROOT = Path(__file__).resolve().parents[1]
 COLUMNS = {"cosine_mrr@10": "Quora MRR@10", "cosine_accuracy@1": "Quora Accuracy@1",

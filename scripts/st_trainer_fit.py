@@ -73,7 +73,8 @@ def main() -> None:
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     evaluation = next(entry for entry in reversed(trainer.state.log_history) if "eval_val_spearman_cosine" in entry)
     result = {"steps": trainer.state.global_step, "last_loss": losses[-1] if losses else math.nan,
-              "val_pearson": evaluation["eval_val_pearson_cosine"], "val_spearman": evaluation["eval_val_spearman_cosine"]}
+              "val_pearson": evaluation["eval_val_pearson_cosine"],
+              "val_spearman": evaluation["eval_val_spearman_cosine"]}
     print("RESULT", json.dumps(result))
 
 

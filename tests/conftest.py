@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import write_tsv
+from helpers import attached, write_tsv
 
 WORDS = ("a the is are man woman men women dog dogs cat cats play plays playing on in of and with to "
          "guitar piano car road street ball child children run running eat eating food water").split()
@@ -36,7 +36,8 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     vocab = list(dict.fromkeys(tokens))
     # A vocab.txt and a tokenizer config, the form that transformers 4.x and 5.x both read.
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
-    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "BertTokenizer", "do_lower_case": True}))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "BertTokenizer",
+                                                              "do_lower_case": True}))
     AutoTokenizer.from_pretrained(folder).save_pretrained(folder)
     torch.manual_seed(0)
     config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -65,7 +66,7 @@ def reference(real_model_dir):
 @pytest.fixture(scope="module")
 def ours(real_model_dir):
     """minilm_sts's inference object on the same weights, in eval mode."""
-    from minilm_sts.embedder import SentenceEncoder
+    from minilm_sts.model.sentence_encoder import SentenceEncoder
 
     return SentenceEncoder.from_pretrained(real_model_dir, max_seq_length=128).eval()
 
@@ -94,15 +95,15 @@ def trained_checkpoint(tiny_model_dir, pair_files, tmp_path):
     the run's RunRecord)."""
     import lightning as L
 
-    from minilm_sts.datamodule import PairDataModule
-    from minilm_sts.module import SentenceEmbedder
-    from minilm_sts.module_callbacks import RunRecord
+    from minilm_sts.data.pair_data_module import PairDataModule
+    from minilm_sts.training.callbacks.run_record import RunRecord
+    from minilm_sts.training.sentence_encoder_training import SentenceEncoderTraining
 
     L.seed_everything(0)
-    model = SentenceEmbedder(pretrained=str(tiny_model_dir))
+    model = SentenceEncoderTraining(pretrained=str(tiny_model_dir))
     data = PairDataModule(str(pair_files["train"]), str(pair_files["val"]), None, batch_size=8, forgetting_guard=False)
     trainer = L.Trainer(max_epochs=1, val_check_interval=2, check_val_every_n_epoch=None, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, num_sanity_val_steps=0)
     trainer.fit(model, data)
     trainer.save_checkpoint(tmp_path / "run.ckpt")
-    return model, tmp_path / "run.ckpt", RunRecord.of(trainer)
+    return model, tmp_path / "run.ckpt", attached(trainer, RunRecord)

@@ -14,12 +14,21 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from minilm_sts.datamodule import PairDataModule
-from minilm_sts.module import SentenceEmbedder
-from minilm_sts.module_callbacks import LEGACY_RECORD_KEY, LEGACY_RESUME_KEY, RandomStreamOnResume, RunRecord
+from minilm_sts.data.pair_data_module import PairDataModule
+from minilm_sts.model.checkpoint import LEGACY_RECORD_KEY, LEGACY_RESUME_KEY
+from minilm_sts.training.callbacks.resume import RandomStreamOnResume
+from minilm_sts.training.callbacks.run_record import RunRecord
+from minilm_sts.training.sentence_encoder_training import SentenceEncoderTraining
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"
+
+
+def attached(trainer: L.Trainer, callback_class: type) -> L.Callback:
+    """The trainer's callback of this class (the module attaches its own), failing clearly when there is none."""
+    found = [c for c in trainer.callbacks if isinstance(c, callback_class)]
+    assert len(found) == 1, f"{len(found)} {callback_class.__name__} callbacks attached"
+    return found[0]
 
 
 def write_tsv(path: Path, rows: list[list], header=("sentence_0", "sentence_1", "label")) -> Path:
@@ -42,7 +51,7 @@ def run(model_dir, pair_files, root, ckpt_path=None, callbacks=(), checkpoint_ev
     """Two epochs of 5 steps (40 pairs, batch 8) validating every 3 steps, `last.ckpt` every `checkpoint_every`
     steps in `root`: the run that resume tests interrupt and continue. Returns (model, trainer)."""
     L.seed_everything(42)
-    model = SentenceEmbedder(pretrained=str(model_dir), lr=1e-3)
+    model = SentenceEncoderTraining(pretrained=str(model_dir), lr=1e-3)
     data = PairDataModule(str(pair_files["train"]), str(pair_files["val"]), None, batch_size=8,
                           forgetting_guard=forgetting_guard)
     checkpoint = ModelCheckpoint(dirpath=root, save_top_k=0, save_last=True, every_n_train_steps=checkpoint_every)
@@ -60,7 +69,8 @@ def rewrite_in_the_previous_format(path: Path) -> None:
     random_stream = checkpoint["callbacks"].pop(RandomStreamOnResume().state_key)
     previous = {key: value for key, value in record["record"].items() if key not in ("evaluation", "monitor")}
     checkpoint[LEGACY_RECORD_KEY] = {**previous, "test": {}}
-    checkpoint[LEGACY_RESUME_KEY] = {"rng": random_stream["rng"], "loss_since_validation": record["loss_since_validation"]}
+    checkpoint[LEGACY_RESUME_KEY] = {"rng": random_stream["rng"],
+                                     "loss_since_validation": record["loss_since_validation"]}
     torch.save(checkpoint, path)
 
 
@@ -69,6 +79,7 @@ def duplicates_file(path, rows=60, distinct=25, seed=0):
     rng = random.Random(seed)
     pool = [f"the man plays {' '.join(rng.choices(['dog', 'cat', 'guitar', 'with', 'a'], k=4))} {i}"
             for i in range(distinct)]
-    table = [[pool[rng.randrange(distinct)], pool[rng.randrange(distinct)], 0.0 if i % 3 == 0 else round(rng.uniform(0.1, 1), 2)]
+    table = [[pool[rng.randrange(distinct)], pool[rng.randrange(distinct)],
+              0.0 if i % 3 == 0 else round(rng.uniform(0.1, 1), 2)]
              for i in range(rows)]
     return write_tsv(path, table), table

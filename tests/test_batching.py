@@ -6,7 +6,7 @@ import random
 import numpy as np
 import pytest
 
-from minilm_sts.batching import PairBatches, distinct_sentence_batches
+from minilm_sts.data.batching import PairBatches, distinct_sentence_batches
 
 from helpers import duplicates_file
 

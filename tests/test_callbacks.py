@@ -10,12 +10,13 @@ import pytest
 import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from minilm_sts.callbacks import LastCheckpoint, SaveOnTerminate, training_length
-from minilm_sts.datamodule import PairDataModule
-from minilm_sts.module import SentenceEmbedder
-from minilm_sts.module_callbacks import RunRecord
+from minilm_sts.cli.callbacks import training_length
+from minilm_sts.data.pair_data_module import PairDataModule
+from minilm_sts.training.callbacks.checkpoints import LastCheckpoint, SaveOnTerminate
+from minilm_sts.training.callbacks.run_record import RunRecord
+from minilm_sts.training.sentence_encoder_training import SentenceEncoderTraining
 
-from helpers import run
+from helpers import attached, run
 
 
 def test_the_start_up_line_names_the_bound_that_ends_the_run():
@@ -63,7 +64,7 @@ def test_last_checkpoint_is_not_written_by_the_validation_before_training(tiny_m
     data = PairDataModule(str(pair_files["train"]), str(pair_files["val"]), None, batch_size=8)  # guarded
     trainer = L.Trainer(max_steps=1, callbacks=[probe, LastCheckpoint(dirpath=tmp_path, every_n_train_steps=None)],
                         logger=False, enable_progress_bar=False, num_sanity_val_steps=0)
-    trainer.fit(SentenceEmbedder(pretrained=str(tiny_model_dir)), data)
-    assert "stsb" in RunRecord.of(trainer).record["before_training"]  # the validation before training ran
+    trainer.fit(SentenceEncoderTraining(pretrained=str(tiny_model_dir)), data)
+    assert "stsb" in attached(trainer, RunRecord).record["before_training"]  # the validation before training ran
     assert probe.existed is False  # and wrote nothing: no step was trained
     assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == 1  # the end of training did

@@ -10,14 +10,15 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from minilm_sts.card import render_model_card
-from minilm_sts.datamodule import PairDataModule
-from minilm_sts.export import export_with_card
-from minilm_sts.module import SentenceEmbedder
-from minilm_sts.module_callbacks import RunRecord, read_run_record
-from minilm_sts.pairs import read_pairs
+from minilm_sts.data.pair_data_module import PairDataModule
+from minilm_sts.data.pairs import read_pairs
+from minilm_sts.model.checkpoint import read_run_record
+from minilm_sts.serving.export import export_with_card
+from minilm_sts.serving.model_card import render_model_card
+from minilm_sts.training.callbacks.run_record import RunRecord
+from minilm_sts.training.sentence_encoder_training import SentenceEncoderTraining
 
-from helpers import rewrite_in_the_previous_format, write_tsv
+from helpers import attached, rewrite_in_the_previous_format, write_tsv
 
 
 def test_model_card_states_the_run(trained_checkpoint, pair_files, tmp_path):
@@ -34,7 +35,8 @@ def test_model_card_states_the_run(trained_checkpoint, pair_files, tmp_path):
 
     table = read_pairs(str(pair_files["train"]))
     lengths = [len(model.tokenizer(s)["input_ids"]) for s in table.sentences_a]
-    assert f"min: {min(lengths)} tokens<br>mean: {sum(lengths) / len(lengths):.2f} tokens<br>max: {max(lengths)} tokens" in card
+    assert (f"min: {min(lengths)} tokens<br>mean: {sum(lengths) / len(lengths):.2f} tokens<br>"
+            f"max: {max(lengths)} tokens") in card
     assert f"min: {min(table.labels):.2f}<br>mean: {sum(table.labels) / 40:.2f}<br>max: {max(table.labels):.2f}" in card
     assert f"| {table.sentences_a[0]} | {table.sentences_b[0]} | {table.labels[0]:g} |" in card
     assert "`batch_size`: 8" in card.split("#### All Hyperparameters")[0]  # non-default
@@ -61,7 +63,7 @@ def test_every_metric_of_every_set_and_the_monitored_one_in_bold(tiny_model_dir,
     duplicates = write_tsv(tmp_path / "duplicates.tsv", [[a, b, float(label >= 0.5)] for a, b, label in
                                                          zip(graded.sentences_a, graded.sentences_b, graded.labels)])
     L.seed_everything(0)
-    model = SentenceEmbedder(pretrained=str(tiny_model_dir), lr=1e-3)
+    model = SentenceEncoderTraining(pretrained=str(tiny_model_dir), lr=1e-3)
     data = PairDataModule(str(pair_files["train"]), {"duplicates": str(duplicates), "graded": str(pair_files["val"])},
                           str(pair_files["val"]), batch_size=8, forgetting_guard=False)
     best = ModelCheckpoint(dirpath=tmp_path, monitor="val/cosine_ap", mode="max", filename="best")
@@ -69,8 +71,8 @@ def test_every_metric_of_every_set_and_the_monitored_one_in_bold(tiny_model_dir,
                         callbacks=[best], enable_progress_bar=False, num_sanity_val_steps=0)
     trainer.fit(model, data)
     trainer.test(model, data)
-    run = RunRecord.of(trainer).record
-    card = render_model_card(model, run)
+    run = attached(trainer, RunRecord).record
+    card = render_model_card(model.hparams, run)
 
     assert "| Metric | validation: duplicates | validation: graded | test |" in card
     final = run["evaluation"]
@@ -103,12 +105,12 @@ def test_the_card_names_the_loss_its_parameters_and_the_rows_left_out(tiny_model
                                                  zip(graded.sentences_a, graded.sentences_b, graded.labels)])
     zeros = sum(label < 0.5 for label in graded.labels)
     L.seed_everything(0)
-    model = SentenceEmbedder(pretrained=str(tiny_model_dir), loss=loss, loss_params=params)
+    model = SentenceEncoderTraining(pretrained=str(tiny_model_dir), loss=loss, loss_params=params)
     data = PairDataModule(str(binary), str(pair_files["val"]), None, batch_size=8)
     trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         num_sanity_val_steps=0)
     trainer.fit(model, data)
-    card = render_model_card(model, RunRecord.of(trainer).record)
+    card = render_model_card(model.hparams, attached(trainer, RunRecord).record)
 
     assert f"- loss:{class_name}\n" in card
     assert f"- Loss: `{class_name}` (minilm_sts `{loss}`) with these parameters:\n\n```json\n" \

@@ -11,9 +11,9 @@ import pytest
 import torch
 import yaml
 
+from minilm_sts.data.pairs import read_pairs
 from minilm_sts.errors import UserInputError
-from minilm_sts.module_callbacks import read_run_record
-from minilm_sts.pairs import read_pairs
+from minilm_sts.model.checkpoint import read_run_record
 
 from helpers import ROOT, cli, write_tsv
 from wandb_records import run_content
@@ -84,7 +84,7 @@ def test_unknown_config_key_is_rejected():
 
 FIT_SCRIPT = """
 import sys
-from minilm_sts.cli import main
+from minilm_sts.cli.commands import main
 cli = main()  # reads sys.argv, as `python -m minilm_sts` does
 assert "sentence_transformers" not in sys.modules, "minilm_sts imported the reference"
 print("PRECISION", cli.trainer.precision)
@@ -112,10 +112,12 @@ def test_fit_runs_twice_in_one_folder_with_offline_wandb(tiny_model_dir, pair_fi
         assert cli_config["model"]["lr"] == 1e-3 and cli_config["data"]["batch_size"] == 8  # the resolved config
         assert cli_config["trainer"]["val_check_interval"] == 2 and cli_config["checkpoint"]["mode"] == "max"
         assert {"train/loss", "train/lr", "train/grad_norm", "train/pairs_per_sec", "train/tokens_per_sec",
-                "val/pearson_cosine", "val/spearman_cosine", "val/stsb/spearman_cosine", "trainer/global_step"} <= metrics
+                "val/pearson_cosine", "val/spearman_cosine", "val/stsb/spearman_cosine",
+                "trainer/global_step"} <= metrics
         assert any(key.startswith("val/cosine_vs_label") for key in metrics)
         output = result.stdout + result.stderr
-        assert f"W&B run (offline): upload it with `wandb sync {run_files[-1].parent.relative_to(tmp_path)}`" in result.stdout
+        assert (f"W&B run (offline): upload it with "
+                f"`wandb sync {run_files[-1].parent.relative_to(tmp_path)}`") in result.stdout
         for noise in ("anonymous setting", "LeafSpec", "💡 Tip", "Total FLOPs"):  # warnings nobody can act on
             assert noise not in output
     run_dirs = sorted(p for p in (tmp_path / "runs" / "minilm-sts").iterdir())
@@ -152,14 +154,15 @@ def test_bad_data_fails_before_training(tiny_model_dir, pair_files, tmp_path):
 
 
 def tiny_fit_args(tiny_model_dir, pair_files) -> list[str]:
-    return ["--model.pretrained", str(tiny_model_dir), "--data.batch_size", "8", "--trainer.enable_progress_bar", "false",
-            "--data.forgetting_guard", "false"]
+    return ["--model.pretrained", str(tiny_model_dir), "--data.batch_size", "8",
+            "--trainer.enable_progress_bar", "false", "--data.forgetting_guard", "false"]
 
 
 def write_user_recipe(folder: Path, pair_files) -> Path:
     """What a user writes first: their two data files and nothing else."""
     recipe = folder / "mine.yaml"
-    recipe.write_text(yaml.safe_dump({"data": {"train_path": str(pair_files["train"]), "val_path": str(pair_files["val"])}}))
+    recipe.write_text(yaml.safe_dump({"data": {"train_path": str(pair_files["train"]),
+                                               "val_path": str(pair_files["val"])}}))
     return recipe
 
 
@@ -167,11 +170,11 @@ def write_user_recipe(folder: Path, pair_files) -> Path:
 def test_a_user_recipe_gets_the_documented_defaults_and_no_inherited_data(pair_files, tmp_path):
     import inspect
 
-    from minilm_sts import PairDataModule, SentenceEmbedder
+    from minilm_sts import PairDataModule, SentenceEncoderTraining
 
     config = resolved("--config", str(write_user_recipe(tmp_path, pair_files)))
     assert config["data"]["train_path"] == str(pair_files["train"]) and config["data"]["test_path"] is None
-    for section, cls in (("model", SentenceEmbedder), ("data", PairDataModule)):
+    for section, cls in (("model", SentenceEncoderTraining), ("data", PairDataModule)):
         for name, parameter in inspect.signature(cls.__init__).parameters.items():
             if parameter.default is not inspect.Parameter.empty and name not in ("train_path", "val_path"):
                 assert config[section][name] == parameter.default, f"{section}.{name}"
@@ -205,13 +208,16 @@ def test_short_run_validates_at_its_end_and_the_summary_gives_the_next_commands(
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 7
 
     summary = result.stdout[result.stdout.index("Run folder:"):].splitlines()
-    score = checkpoint["callbacks"][next(k for k in checkpoint["callbacks"] if "val/spearman_cosine" in k)]["best_model_score"]
+    score = checkpoint["callbacks"][next(k for k in checkpoint["callbacks"]
+                                         if "val/spearman_cosine" in k)]["best_model_score"]
     assert summary[0] == f"Run folder: {run_dir.relative_to(tmp_path)}"
-    assert summary[1] == f"Best checkpoint: {best.relative_to(tmp_path)} (val/spearman_cosine {float(score):.4f} at step 7)"
+    assert summary[1] == (f"Best checkpoint: {best.relative_to(tmp_path)} "
+                          f"(val/spearman_cosine {float(score):.4f} at step 7)")
     assert summary[2] == f"Last checkpoint: {run_dir.relative_to(tmp_path) / 'checkpoints' / 'last.ckpt'}"
     test_command, export_command = summary[-2].split(), summary[-1].split()
     assert test_command[:9] == ["python", "-m", "minilm_sts", "test", "--config",
-                                str(run_dir.relative_to(tmp_path) / "config.yaml"), "--ckpt_path", str(best.relative_to(tmp_path)),
+                                str(run_dir.relative_to(tmp_path) / "config.yaml"),
+                                "--ckpt_path", str(best.relative_to(tmp_path)),
                                 "--data.test_path"]  # this recipe names no test set
     assert export_command == ["python", "-m", "minilm_sts", "export", str(best.relative_to(tmp_path)),
                               str(run_dir.relative_to(tmp_path) / "model")]
@@ -220,7 +226,8 @@ def test_short_run_validates_at_its_end_and_the_summary_gives_the_next_commands(
 
 
 def test_enable_checkpointing_false_trains_and_writes_no_checkpoint(tiny_model_dir, pair_files, tmp_path):
-    result = cli("fit", "--config", str(write_user_recipe(tmp_path, pair_files)), *tiny_fit_args(tiny_model_dir, pair_files),
+    result = cli("fit", "--config", str(write_user_recipe(tmp_path, pair_files)),
+                 *tiny_fit_args(tiny_model_dir, pair_files),
                  "--trainer.enable_checkpointing", "false", "--trainer.logger", "false", cwd=tmp_path)
     assert "`Trainer.fit` stopped: `max_epochs=1` reached" in result.stdout + result.stderr
     assert not list(tmp_path.rglob("*.ckpt")) and "No checkpoints" in result.stdout
@@ -230,7 +237,7 @@ def test_enable_checkpointing_false_trains_and_writes_no_checkpoint(tiny_model_d
 def test_a_command_line_bound_replaces_the_recipes_other_bound():
     from types import SimpleNamespace
 
-    from minilm_sts.cli import settle_training_length
+    from minilm_sts.cli.lightning_cli import settle_training_length
 
     def settle(max_steps, max_epochs, *command_line):
         trainer = SimpleNamespace(max_steps=max_steps, max_epochs=max_epochs)
@@ -255,12 +262,13 @@ def test_a_command_line_bound_replaces_the_recipes_other_bound():
     ("--ckpt_path", "{tmp}/nope.ckpt", "nope.ckpt: no such checkpoint file"),
     ("--model.loss", "cosine", "error: unknown loss 'cosine'; choose one of: cosine_mse, cosent, angle, mnrl"),
     ("--model.loss_params", "{{scale: -1}}", "error: loss 'cosine_mse' has no parameter 'scale'; its parameters: none"),
-    ("--data.retrieval", "[dev]", "error: retrieval names ['dev'], which are not evaluation sets; they are ['val', 'stsb']"),
+    ("--data.retrieval", "[dev]",
+     "error: retrieval names ['dev'], which are not evaluation sets; they are ['val', 'stsb']"),
     ("--data.retrieval", "[val]", "val.tsv: cannot score it as duplicate retrieval: no pair is labelled >= 1"),
 ])
 def test_a_user_error_is_one_message_and_exit_status_2(tiny_model_dir, pair_files, tmp_path, monkeypatch, capsys,
                                                        option, value, message):
-    from minilm_sts.cli import main
+    from minilm_sts.cli.commands import main
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["minilm_sts"])  # as if the args were the command line
@@ -272,13 +280,14 @@ def test_a_user_error_is_one_message_and_exit_status_2(tiny_model_dir, pair_file
     error_lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
     assert len(error_lines) == 1 and message in error_lines[0]
     assert not list(tmp_path.rglob("*.ckpt"))
-    with pytest.raises(UserInputError, match=re.escape(message.removeprefix("error: "))):  # --debug: the exception itself
+    # --debug: the exception itself
+    with pytest.raises(UserInputError, match=re.escape(message.removeprefix("error: "))):
         main([*args, "--debug"])
 
 
 @pytest.mark.slow
 def test_a_user_error_prints_no_traceback_and_debug_shows_it(tmp_path, monkeypatch):
-    from minilm_sts.cli import main
+    from minilm_sts.cli.commands import main
 
     result = cli("fit", "--data.batch_size", "0", "--trainer.logger", "false", cwd=tmp_path, check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr
@@ -302,12 +311,14 @@ def test_data_seed_follows_seed_everything_unless_set():
 
 @pytest.mark.parametrize("command, message", [
     (["export", "{tmp}/missing.ckpt", "{tmp}/out"], "missing.ckpt: no such checkpoint file or model folder"),
-    (["predict", "{tmp}/missing.ckpt", "{tmp}/in.txt", "--output", "{tmp}/out.npy"], "missing.ckpt: no such checkpoint file or model folder"),
-    (["export", "{tmp_model}", "{tmp}"], "exists and is not empty; choose another folder, or replace it with --overwrite "
+    (["predict", "{tmp}/missing.ckpt", "{tmp}/in.txt", "--output", "{tmp}/out.npy"],
+     "missing.ckpt: no such checkpoint file or model folder"),
+    (["export", "{tmp_model}", "{tmp}"],
+     "exists and is not empty; choose another folder, or replace it with --overwrite "
      "(overwrite=True in Python)"),
 ])
 def test_other_commands_end_a_user_error_the_same_way(tiny_model_dir, tmp_path, capsys, command, message):
-    from minilm_sts.cli import main
+    from minilm_sts.cli.commands import main
 
     (tmp_path / "kept.txt").write_text("a file export must not replace")
     with pytest.raises(SystemExit) as exit:
@@ -317,7 +328,7 @@ def test_other_commands_end_a_user_error_the_same_way(tiny_model_dir, tmp_path, 
 
 
 def test_an_unexpected_exception_keeps_its_traceback(monkeypatch):
-    import minilm_sts.cli as cli
+    import minilm_sts.cli.commands as cli
 
     def broken(*args, **kwargs):
         raise RuntimeError("a bug")
@@ -338,7 +349,7 @@ def test_an_unexpected_exception_keeps_its_traceback(monkeypatch):
 def test_best_checkpoint_names_follow_the_monitored_metric(monitor, expected):
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from minilm_sts.cli import checkpoint_filename
+    from minilm_sts.cli.lightning_cli import checkpoint_filename
 
     checkpoint = ModelCheckpoint(filename=checkpoint_filename(monitor), auto_insert_metric_name=False)
     assert checkpoint.format_checkpoint_name({"step": torch.tensor(7), monitor: torch.tensor(0.84123)}) == expected
@@ -347,7 +358,7 @@ def test_best_checkpoint_names_follow_the_monitored_metric(monitor, expected):
 @pytest.mark.parametrize("loss, params", [("cosine_mse", "{}"), ("cosent", "{scale: 10.0}"), ("angle", "{}"),
                                           ("mnrl", "{symmetric: true}"), ("{train: mnrl}", "{train: {scale: 10.0}}")])
 def test_each_loss_trains_from_the_command_line(tiny_model_dir, pair_files, tmp_path, monkeypatch, loss, params):
-    from minilm_sts.cli import main
+    from minilm_sts.cli.commands import main
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["minilm_sts"])

@@ -1,4 +1,4 @@
-"""Each framework internal that minilm_sts.compat relies on still exists and behaves as assumed, and pyproject
+"""Each framework internal that minilm_sts._compat relies on still exists and behaves as assumed, and pyproject
 bounds torch, Lightning and transformers to versions this suite has run with. An upgrade that breaks one fails
 here by name."""
 
@@ -14,10 +14,10 @@ from lightning.pytorch.loggers import CSVLogger
 from packaging.requirements import Requirement
 from torch.utils.data import DataLoader
 
-from minilm_sts import compat
-from minilm_sts.batching import PairBatches
-from minilm_sts.datamodule import PairDataModule
-from minilm_sts.module import SentenceEmbedder
+from minilm_sts import _compat as compat
+from minilm_sts.data.batching import PairBatches
+from minilm_sts.data.pair_data_module import PairDataModule
+from minilm_sts.training.sentence_encoder_training import SentenceEncoderTraining
 
 from helpers import ROOT
 
@@ -46,7 +46,7 @@ class Probe(L.Callback):
             self.at_validation.append((compat.epoch_batch_index(trainer), self.at_batch_end[-1][0]))
 
 
-class LossKeepingEmbedder(SentenceEmbedder):
+class LossKeepingEmbedder(SentenceEncoderTraining):
     def training_step(self, batch, batch_idx):
         loss = super().training_step(batch, batch_idx)
         self.returned.append(loss.item())
@@ -81,7 +81,7 @@ def test_validate_within_fit_logs_a_validation_at_step_0_and_returns_to_training
     trainer = L.Trainer(max_steps=2, val_check_interval=2, check_val_every_n_epoch=None, callbacks=[probe],
                         logger=CSVLogger(tmp_path), enable_checkpointing=False, enable_progress_bar=False,
                         num_sanity_val_steps=0)
-    trainer.fit(SentenceEmbedder(pretrained=str(tiny_model_dir)), data)
+    trainer.fit(SentenceEncoderTraining(pretrained=str(tiny_model_dir)), data)
     assert probe.stage_and_mode_after == (True, False, True)
     with open(Path(trainer.logger.log_dir) / "metrics.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
@@ -125,3 +125,44 @@ def test_pyproject_bounds_the_framework_above_and_admits_the_installed_version(p
     assert any(spec.operator in ("<", "<=", "==", "~=") for spec in specifier), f"{line}: no upper bound"
     installed = getattr(__import__(package), "__version__").split("+")[0]
     assert specifier.contains(installed), f"{package} {installed} is outside {line}"
+
+
+def test_save_last_checkpoint_writes_last_ckpt_now(tiny_model_dir, pair_files, tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0)
+    model = SentenceEncoderTraining(pretrained=str(tiny_model_dir))
+    data = PairDataModule(str(pair_files["train"]), str(pair_files["val"]), None, batch_size=8, forgetting_guard=False)
+    trainer = L.Trainer(max_steps=1, logger=False, callbacks=[checkpoint], enable_progress_bar=False,
+                        num_sanity_val_steps=0, limit_val_batches=0)
+    trainer.fit(model, data)
+    (tmp_path / "last.ckpt").unlink()
+    compat.save_last_checkpoint(checkpoint, trainer)
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == 1
+
+
+def test_wandb_loggers_init_arguments_are_the_dict_assumed(tmp_path):
+    from lightning.pytorch.loggers import WandbLogger
+
+    logger = WandbLogger(save_dir=str(tmp_path), offline=True)
+    assert "anonymous" in logger._wandb_init and logger._wandb_init["anonymous"] is None
+    compat.drop_unset_wandb_anonymous(logger)
+    assert "anonymous" not in logger._wandb_init and logger._wandb_init["project"]
+
+
+def test_a_loaded_datasets_table_has_a_content_fingerprint():
+    from datasets import Dataset
+
+    table = Dataset.from_dict({"a": ["x", "y"]})
+    fingerprint = compat.hf_dataset_fingerprint(table)
+    assert isinstance(fingerprint, str) and fingerprint
+    assert compat.hf_dataset_fingerprint(table.map(lambda row: {"a": row["a"] + "!"})) != fingerprint
+
+
+def test_lightning_cli_builds_its_trainer_through_the_hook_trainer_callbacks_overrides():
+    import inspect
+
+    from lightning.pytorch.cli import LightningCLI
+
+    assert list(inspect.signature(LightningCLI._instantiate_trainer).parameters) == ["self", "config", "callbacks"]
+    assert compat.TrainerCallbacksCLI._instantiate_trainer is not LightningCLI._instantiate_trainer

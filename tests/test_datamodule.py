@@ -7,16 +7,16 @@ import logging
 import lightning as L
 import pytest
 
-from minilm_sts.datamodule import PairDataModule
+from minilm_sts.data.pair_data_module import PairDataModule
 from minilm_sts.errors import UserInputError
-from minilm_sts.module import SentenceEmbedder
+from minilm_sts.training.sentence_encoder_training import SentenceEncoderTraining
 
 from helpers import duplicates_file, write_tsv
 
 
 def fit(model_dir, train, val, loss, batch_size=8):
     L.seed_everything(0)
-    model = SentenceEmbedder(pretrained=str(model_dir), loss=loss)
+    model = SentenceEncoderTraining(pretrained=str(model_dir), loss=loss)
     data = PairDataModule(str(train), str(val), None, batch_size=batch_size)
     seen = []
 
@@ -69,15 +69,17 @@ def test_mnrl_needs_two_positive_rows_and_batches_of_two(tiny_model_dir, pair_fi
 
 
 def test_retrieval_names_an_evaluation_set(pair_files):
-    with pytest.raises(UserInputError, match=r"retrieval names \['dev'\], which are not evaluation sets; they are \['val', 'stsb'\]"):
+    with pytest.raises(UserInputError,
+                       match=r"retrieval names \['dev'\], which are not evaluation sets; they are \['val', 'stsb'\]"):
         PairDataModule(str(pair_files["train"]), str(pair_files["val"]), retrieval=["dev"])
 
 
 def test_a_retrieval_set_without_a_duplicate_stops_the_run_before_training(tiny_model_dir, pair_files):
     """The graded fixture has no pair labelled 1: there is no query, said before the first step."""
-    model = SentenceEmbedder(pretrained=str(tiny_model_dir))
+    model = SentenceEncoderTraining(pretrained=str(tiny_model_dir))
     data = PairDataModule(str(pair_files["train"]), str(pair_files["val"]), retrieval=["val"], forgetting_guard=False)
     trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False)
-    with pytest.raises(UserInputError, match=r"val.tsv: cannot score it as duplicate retrieval: no pair is labelled >= 1"):
+    with pytest.raises(UserInputError,
+                       match=r"val.tsv: cannot score it as duplicate retrieval: no pair is labelled >= 1"):
         trainer.fit(model, data)
     assert trainer.global_step == 0

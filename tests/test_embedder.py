@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import minilm_sts.embedder as embedder
-from minilm_sts.embedder import SentenceEncoder
+import minilm_sts.model.sentence_encoder as sentence_encoder
 from minilm_sts.errors import UserInputError
+from minilm_sts.model.sentence_encoder import SentenceEncoder
 
 SENTENCES = ["a dog", "a man is playing the guitar on the street with a child", "cats", "the woman eats food"]
 
@@ -61,12 +61,12 @@ def test_compiled_padded_path_matches_the_packed_path_and_reuses_its_graphs(tiny
 def test_encode_runs_batches_side_by_side_on_cpu_threads_with_the_same_result(tiny_model_dir, monkeypatch):
     pools = []
 
-    class RecordingPool(embedder.ThreadPoolExecutor):
+    class RecordingPool(sentence_encoder.ThreadPoolExecutor):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             pools.append(self._max_workers)
 
-    monkeypatch.setattr(embedder, "ThreadPoolExecutor", RecordingPool)
+    monkeypatch.setattr(sentence_encoder, "ThreadPoolExecutor", RecordingPool)
     model = SentenceEncoder.from_pretrained(tiny_model_dir)
     sentences = [" ".join(["dog", "runs", "on", "the", "street"][: 1 + i % 5]) + f" {i}" for i in range(30)]
     threads = torch.get_num_threads()
@@ -120,14 +120,14 @@ sys.meta_path.insert(0, Refuse())
 package = types.ModuleType("minilm_sts")  # the package without its __init__, which imports the training side
 package.__path__ = [{package!r}]
 sys.modules["minilm_sts"] = package
-from minilm_sts.embedder import SentenceEncoder
+from minilm_sts.model.sentence_encoder import SentenceEncoder
 
 print(tuple(SentenceEncoder.from_pretrained({model!r}).encode(["a dog", "a cat"]).shape))
 """
 
 
 def test_encoder_runs_where_lightning_cannot_be_imported(tiny_model_dir):
-    package = str(Path(embedder.__file__).parent)
+    package = str(Path(sentence_encoder.__file__).parents[1])
     script = WITHOUT_LIGHTNING.format(package=package, model=str(tiny_model_dir))
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -5,9 +5,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from minilm_sts import encoder as encoder_module
-from minilm_sts.encoder import BertConfig, BertModel, Dropout, PackedLayout, PaddedLayout, padded_from_packed
-from minilm_sts.similarity import mean_pool
+from minilm_sts.model import cpu_kernels as encoder_module
+from minilm_sts.model.bert import BertConfig, BertModel, PackedLayout, PaddedLayout, padded_from_packed
+from minilm_sts.model.cpu_kernels import Dropout
+from minilm_sts.model.pooling import mean_pool
 
 
 def load_tiny(folder) -> BertModel:

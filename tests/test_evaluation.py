@@ -12,14 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minilm_sts.evaluation import (
-    DuplicateRetrieval,
-    PairScores,
-    binary_classification,
-    pair_metrics,
-    retrieval_metrics,
-    top_k_search,
-)
+from minilm_sts.evaluation.binary import binary_classification
+from minilm_sts.evaluation.pair_scores import PairScores, pair_metrics
+from minilm_sts.evaluation.retrieval import DuplicateRetrieval, retrieval_metrics, top_k_search
 
 TOLERANCE = 1e-6
 CORRELATION_KEYS = {"pearson_cosine", "spearman_cosine"}
@@ -282,18 +277,18 @@ def models():
     """sentence-transformers' model and ours on the same all-MiniLM-L6-v2 weights, both truncating at 128."""
     from sentence_transformers import SentenceTransformer
 
-    from minilm_sts.module import SentenceEmbedder
-    from minilm_sts.pretrained import DEFAULT_MODEL, resolve_pretrained
+    from minilm_sts.model.pretrained import DEFAULT_MODEL, resolve_pretrained
+    from minilm_sts.training.sentence_encoder_training import SentenceEncoderTraining
 
     folder = str(resolve_pretrained(DEFAULT_MODEL))
     reference = SentenceTransformer(folder, device="cpu")
     reference.max_seq_length = 128
-    return reference, SentenceEmbedder(pretrained=folder, max_seq_length=128).eval()
+    return reference, SentenceEncoderTraining(pretrained=folder, max_seq_length=128).eval()
 
 
 @pytest.fixture(scope="module")
 def stsb_dev():
-    from minilm_sts.pairs import read_pairs
+    from minilm_sts.data.pairs import read_pairs
 
     return read_pairs("builtin:stsb/dev")
 

@@ -7,28 +7,29 @@ import pytest
 import torch
 
 import minilm_sts
-from minilm_sts.card import render_model_card
-from minilm_sts.embedder import SentenceEncoder
-from minilm_sts.export import export_model, export_with_card
-from minilm_sts.module import SentenceEmbedder
-from minilm_sts.pairs import read_pairs
+from minilm_sts.data.pairs import read_pairs
+from minilm_sts.model.sentence_encoder import SentenceEncoder
+from minilm_sts.serving.export import export_model, export_with_card
+from minilm_sts.serving.model_card import render_model_card
+from minilm_sts.training.sentence_encoder_training import SentenceEncoderTraining
 
 SENTENCES = read_pairs("builtin:stsb/dev").sentences_a[:64]
 
 
 @pytest.fixture(scope="module")
 def real_model(real_model_dir):
-    return SentenceEmbedder(pretrained=str(real_model_dir)).eval()
+    return SentenceEncoderTraining(pretrained=str(real_model_dir)).eval()
 
 
 @pytest.fixture(scope="module")
 def exported(real_model, tmp_path_factory):
-    return export_model(real_model.embedder, tmp_path_factory.mktemp("export") / "model", render_model_card(real_model))
+    return export_model(real_model.sentence_encoder, tmp_path_factory.mktemp("export") / "model", render_model_card(real_model.hparams))
 
 
 def test_layout(exported):
     for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "modules.json",
-                 "sentence_bert_config.json", "1_Pooling/config.json", "config_sentence_transformers.json", "README.md"):
+                 "sentence_bert_config.json", "1_Pooling/config.json", "config_sentence_transformers.json",
+                 "README.md"):
         assert (exported / name).is_file(), name
     assert (exported / "2_Normalize").is_dir()
     assert json.loads((exported / "sentence_bert_config.json").read_text())["max_seq_length"] == 128
@@ -60,7 +61,7 @@ def test_transformers_loads_the_export(exported, real_model):
 
 def test_export_refuses_a_non_empty_folder(real_model, exported):
     with pytest.raises(FileExistsError, match="not empty"):
-        export_model(real_model.embedder, exported)
+        export_model(real_model.sentence_encoder, exported)
 
 
 def test_a_model_folder_exports_with_a_base_model_card(tiny_model_dir, tmp_path):

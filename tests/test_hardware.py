@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from minilm_sts import cli as cli_module
+from minilm_sts.cli import lightning_cli as cli_module
+from minilm_sts.cli.commands import main
 from minilm_sts.hardware import EMULATED_BF16_SLOWDOWN, cpu_precision, describe_machine, machine
-from minilm_sts.module_callbacks import read_run_record
+from minilm_sts.model.checkpoint import read_run_record
 
 from helpers import ROOT, write_tsv
 
@@ -77,7 +78,7 @@ def test_the_duplicates_recipe_on_a_cpu_without_native_bf16_says_so_and_records_
     monkeypatch.chdir(tmp_path)
     rows = [[f"a {i} man", f"the {i} dog", float(i % 2)] for i in range(24)]
     train, dev = write_tsv(tmp_path / "train.tsv", rows), write_tsv(tmp_path / "dev.tsv", rows[:8])
-    run = cli_module.main(["fit", "--config", str(ROOT / "configs/duplicates.yaml"),
+    run = main(["fit", "--config", str(ROOT / "configs/duplicates.yaml"),
                           "--model.pretrained", str(tiny_model_dir),
                           "--data.train_path", f"{{duplicates: {train}, stsb: builtin:stsb/train}}",
                           "--data.val_path", f"{{duplicates: {dev}, stsb: builtin:stsb/dev}}",

@@ -11,7 +11,7 @@ from helpers import run
 # In a fresh process, so that the setting does not carry into the other tests' allocations.
 ALLOCATE_REPEATEDLY = """
 import resource, sys, torch
-from minilm_sts.host_memory import reuse_freed_host_memory
+from minilm_sts.training.host_memory import reuse_freed_host_memory
 applied = reuse_freed_host_memory() if sys.argv[1] == "reuse" else None
 faults = []
 for step in range(6):  # the word-embedding gradient's size, allocated and freed as at each training step
@@ -38,7 +38,7 @@ def test_a_freed_embedding_sized_block_is_reused_without_page_faults():
 
 
 def test_fitting_on_the_cpu_asks_for_it(monkeypatch, tiny_model_dir, pair_files, tmp_path):
-    from minilm_sts import module
+    from minilm_sts.training import sentence_encoder_training as module
 
     calls = []
     monkeypatch.setattr(module, "reuse_freed_host_memory", lambda: calls.append("asked"))

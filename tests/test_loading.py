@@ -10,10 +10,10 @@ import pytest
 import torch
 
 import minilm_sts
-from minilm_sts.datamodule import PairDataModule
-from minilm_sts.embedder import SentenceEncoder
-from minilm_sts.module import SentenceEmbedder
-from minilm_sts.pairs import read_pairs
+from minilm_sts.data.pair_data_module import PairDataModule
+from minilm_sts.data.pairs import read_pairs
+from minilm_sts.model.sentence_encoder import SentenceEncoder
+from minilm_sts.training.sentence_encoder_training import SentenceEncoderTraining
 
 # Written by the code before SentenceEncoder existed (state-dict keys `encoder.*`); make.py there says how.
 PREVIOUS_LAYOUT = Path(__file__).resolve().parent / "fixtures" / "checkpoint_v0"
@@ -22,7 +22,7 @@ FLAT_LAYOUT = Path(__file__).resolve().parent / "fixtures" / "checkpoint_v1"
 SENTENCES = read_pairs("builtin:stsb/dev").sentences_a[:64]
 
 
-def save_checkpoint(model: SentenceEmbedder, path: Path) -> Path:
+def save_checkpoint(model: SentenceEncoderTraining, path: Path) -> Path:
     """A checkpoint of `model` as it is, without training."""
     trainer = L.Trainer(logger=False)
     trainer.strategy.connect(model)
@@ -49,13 +49,13 @@ def test_load_gives_the_inference_object_for_checkpoints_and_folders(trained_che
 
 def test_checkpoint_loads_without_the_pretrained_folder(tiny_model_dir, tmp_path):
     model_dir = shutil.copytree(tiny_model_dir, tmp_path / "model")
-    model = SentenceEmbedder(pretrained=str(model_dir))
+    model = SentenceEncoderTraining(pretrained=str(model_dir))
     path = save_checkpoint(model, tmp_path / "model.ckpt")
     before = model.encode(["a man is playing the guitar", "a dog"])
     shutil.rmtree(model_dir)  # nothing may be read from (or downloaded for) the original folder now
 
     assert torch.load(path, weights_only=True)["hyper_parameters"]["encoder_config"]["hidden_size"] == 32
-    loaded = SentenceEmbedder.load_from_checkpoint(path)
+    loaded = SentenceEncoderTraining.load_from_checkpoint(path)
     assert torch.allclose(loaded.encode(["a man is playing the guitar", "a dog"]), before, atol=1e-6)
     assert torch.allclose(minilm_sts.load(path).encode(["a man is playing the guitar", "a dog"]), before, atol=1e-6)
 
@@ -67,9 +67,9 @@ def test_checkpoints_of_the_previous_layout_load_with_the_embeddings_they_gave()
     path = PREVIOUS_LAYOUT / "last.ckpt"
     assert "encoder.embeddings.word_embeddings.weight" in torch.load(path, weights_only=True)["state_dict"]
     assert torch.allclose(minilm_sts.load(path).encode(expected["sentences"]), embeddings, atol=1e-6)
-    model = SentenceEmbedder.load_from_checkpoint(path)
+    model = SentenceEncoderTraining.load_from_checkpoint(path)
     assert torch.allclose(model.encode(expected["sentences"]), embeddings, atol=1e-6)
-    assert "embedder.bert.embeddings.word_embeddings.weight" in model.state_dict()
+    assert "sentence_encoder.bert.embeddings.word_embeddings.weight" in model.state_dict()
 
 
 def test_a_checkpoint_and_export_of_the_flat_layout_load_with_the_embeddings_they_gave():
@@ -83,7 +83,7 @@ def test_a_checkpoint_and_export_of_the_flat_layout_load_with_the_embeddings_the
 
 def test_a_checkpoint_of_the_flat_layout_resumes(tmp_path):
     path = FLAT_LAYOUT / "last.ckpt"
-    model = SentenceEmbedder.load_from_checkpoint(path)
+    model = SentenceEncoderTraining.load_from_checkpoint(path)
     data = PairDataModule(str(FLAT_LAYOUT / "train.tsv"), str(FLAT_LAYOUT / "dev.tsv"), None, batch_size=8,
                           forgetting_guard=False)
     trainer = L.Trainer(max_steps=4, val_check_interval=2, check_val_every_n_epoch=None, logger=False,
@@ -95,7 +95,7 @@ def test_a_checkpoint_of_the_flat_layout_resumes(tmp_path):
 
 
 def test_damaged_or_foreign_checkpoints_are_refused_clearly(tiny_model_dir, tmp_path):
-    good = save_checkpoint(SentenceEmbedder(pretrained=str(tiny_model_dir)), tmp_path / "good.ckpt")
+    good = save_checkpoint(SentenceEncoderTraining(pretrained=str(tiny_model_dir)), tmp_path / "good.ckpt")
     data = good.read_bytes()
     (tmp_path / "truncated.ckpt").write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="truncated.ckpt: not a readable checkpoint"):

@@ -11,11 +11,12 @@ import re
 import pytest
 import torch
 
-from minilm_sts.datamodule import PairDataset
+from minilm_sts.data.pair_data_module import PairDataset
+from minilm_sts.data.pairs import read_pairs
+from minilm_sts.data.token_cache import TokenizedPairs
 from minilm_sts.errors import UserInputError
-from minilm_sts.losses import LOSSES, angle_loss, build_loss, cosent_loss, cosine_mse_loss, mnrl_loss
-from minilm_sts.pairs import read_pairs
-from minilm_sts.tokenized import TokenizedPairs, tokenize_texts
+from minilm_sts.model.tokenization import tokenize_texts
+from minilm_sts.training.losses import LOSSES, angle_loss, build_loss, cosent_loss, cosine_mse_loss, mnrl_loss
 
 BATCH = 16
 
@@ -121,10 +122,13 @@ def test_unknown_parameter_names_the_parameters(name, params, valid):
         build_loss(name, params)
 
 
-@pytest.mark.parametrize("params, expected", [({"scale": 0}, "a positive number"), ({"scale": -1.0}, "a positive number"),
+@pytest.mark.parametrize("params, expected", [({"scale": 0}, "a positive number"),
+                                              ({"scale": -1.0}, "a positive number"),
                                               ({"scale": float("nan")}, "a positive number"),
-                                              ({"scale": "20"}, "a positive number"), ({"scale": True}, "a positive number"),
-                                              ({"symmetric": "yes"}, "true or false"), ({"symmetric": 1}, "true or false")])
+                                              ({"scale": "20"}, "a positive number"),
+                                              ({"scale": True}, "a positive number"),
+                                              ({"symmetric": "yes"}, "true or false"),
+                                              ({"symmetric": 1}, "true or false")])
 def test_bad_parameter_values_are_refused(params, expected):
     with pytest.raises(UserInputError, match=f"loss 'mnrl' parameter '{next(iter(params))}' must be {expected}"):
         build_loss("mnrl", params)

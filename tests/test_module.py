@@ -1,4 +1,4 @@
-"""SentenceEmbedder: schedule, parameter groups, clipping and skipped steps under fp16, determinism, the loss option."""
+"""SentenceEncoderTraining: schedule, parameter groups, clipping and skipped steps under fp16, determinism, the loss option."""
 
 import re
 
@@ -6,11 +6,14 @@ import lightning as L
 import pytest
 import torch
 
-from minilm_sts.datamodule import PairDataModule
+from minilm_sts.data.pair_data_module import PairDataModule
 from minilm_sts.errors import UserInputError
-from minilm_sts.module import SentenceEmbedder
-from minilm_sts.module_callbacks import RunRecord, SkippedStepCounter
-from minilm_sts.optimization import lr_multiplier
+from minilm_sts.training.callbacks.mixed_precision import SkippedStepCounter
+from minilm_sts.training.callbacks.run_record import RunRecord
+from minilm_sts.training.optimization import lr_multiplier
+from minilm_sts.training.sentence_encoder_training import SentenceEncoderTraining
+
+from helpers import attached
 
 
 @pytest.mark.parametrize("warmup, total", [(0, 50), (10, 50), (7, 7)])
@@ -33,26 +36,27 @@ def test_linear_schedule_equals_hugging_face(warmup, total):
 
 
 def test_bias_and_layernorm_are_exempt_from_weight_decay(tiny_model_dir):
-    model = SentenceEmbedder(pretrained=str(tiny_model_dir), weight_decay=0.01)
+    model = SentenceEncoderTraining(pretrained=str(tiny_model_dir), weight_decay=0.01)
     model.trainer = L.Trainer(max_steps=10, logger=False)  # only for estimated_stepping_batches
     groups = model.configure_optimizers()["optimizer"].param_groups
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for p in groups[0]["params"]}
     exempt = {names[id(p)] for p in groups[1]["params"]}
     assert groups[0]["weight_decay"] == 0.01 and groups[1]["weight_decay"] == 0.0
-    assert "embedder.bert.encoder.layer.0.attention.self.query.weight" in decayed
-    assert "embedder.bert.embeddings.LayerNorm.weight" in exempt and "embedder.bert.encoder.layer.1.output.dense.bias" in exempt
-    assert "embedder.bert.pooler.dense.weight" not in decayed | exempt  # frozen, never optimised
+    assert "sentence_encoder.bert.encoder.layer.0.attention.self.query.weight" in decayed
+    assert ("sentence_encoder.bert.embeddings.LayerNorm.weight" in exempt
+            and "sentence_encoder.bert.encoder.layer.1.output.dense.bias" in exempt)
+    assert "sentence_encoder.bert.pooler.dense.weight" not in decayed | exempt  # frozen, never optimised
 
 
 def test_warmup_steps_and_ratio_are_exclusive(tiny_model_dir):
     with pytest.raises(ValueError, match="not both"):
-        SentenceEmbedder(pretrained=str(tiny_model_dir), warmup_steps=10, warmup_ratio=0.1)
+        SentenceEncoderTraining(pretrained=str(tiny_model_dir), warmup_steps=10, warmup_ratio=0.1)
 
 
 def fit_one_step(model_dir, pair_files, tmp_path, **trainer_args):
     L.seed_everything(0)
-    model = SentenceEmbedder(pretrained=str(model_dir))
+    model = SentenceEncoderTraining(pretrained=str(model_dir))
     data = PairDataModule(str(pair_files["train"]), str(pair_files["val"]), None, batch_size=40, forgetting_guard=False)
     trainer = L.Trainer(max_steps=1, logger=L.pytorch.loggers.CSVLogger(tmp_path), limit_val_batches=0,
                         enable_checkpointing=False, enable_progress_bar=False, log_every_n_steps=1, **trainer_args)
@@ -77,13 +81,14 @@ def test_clipping_works_with_fused_adamw_under_fp16_loss_scaling(tiny_model_dir,
 def test_fp16_skipped_steps_are_counted(tiny_model_dir, pair_files, tmp_path):
     from lightning.pytorch.plugins.precision import MixedPrecision
 
-    model = SentenceEmbedder(pretrained=str(tiny_model_dir))
+    model = SentenceEncoderTraining(pretrained=str(tiny_model_dir))
     data = PairDataModule(str(pair_files["train"]), str(pair_files["val"]), None, batch_size=8, forgetting_guard=False)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40)  # overflows fp16 gradients at first
     trainer = L.Trainer(max_steps=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        num_sanity_val_steps=0, limit_val_batches=0, plugins=[MixedPrecision("16-mixed", "cpu", scaler)])
+                        num_sanity_val_steps=0, limit_val_batches=0,
+                        plugins=[MixedPrecision("16-mixed", "cpu", scaler)])
     trainer.fit(model, data)
-    skipped = SkippedStepCounter.of(trainer).skipped
+    skipped = attached(trainer, SkippedStepCounter).skipped
     assert skipped >= 1
     assert trainer.callback_metrics["train/skipped_steps"] == skipped
     assert scaler.get_scale() < 2.0**40
@@ -93,13 +98,13 @@ def test_fp16_skipped_steps_are_counted(tiny_model_dir, pair_files, tmp_path):
 def test_same_seed_same_metrics_with_or_without_workers(tiny_model_dir, pair_files, tmp_path, workers):
     def fit(num_workers):
         L.seed_everything(42)
-        model = SentenceEmbedder(pretrained=str(tiny_model_dir), lr=1e-3)
-        data = PairDataModule(str(pair_files["train"]), str(pair_files["val"]), None, batch_size=8, num_workers=num_workers,
-                              forgetting_guard=False)
+        model = SentenceEncoderTraining(pretrained=str(tiny_model_dir), lr=1e-3)
+        data = PairDataModule(str(pair_files["train"]), str(pair_files["val"]), None, batch_size=8,
+                              num_workers=num_workers, forgetting_guard=False)
         trainer = L.Trainer(max_epochs=2, val_check_interval=5, check_val_every_n_epoch=None, logger=False,
                             enable_checkpointing=False, enable_progress_bar=False, num_sanity_val_steps=0)
         trainer.fit(model, data)
-        return model, RunRecord.of(trainer).record
+        return model, attached(trainer, RunRecord).record
 
     (reference, reference_record), (other, other_record) = fit(0), fit(workers)
     assert [r["spearman_cosine"] for r in reference_record["log"]] == pytest.approx(
@@ -109,7 +114,7 @@ def test_same_seed_same_metrics_with_or_without_workers(tiny_model_dir, pair_fil
 
 
 
-def fit_losses(model_dir, pair_files, **model_args) -> tuple[list[float], SentenceEmbedder]:
+def fit_losses(model_dir, pair_files, **model_args) -> tuple[list[float], SentenceEncoderTraining]:
     """The training loss of each step of a 2-epoch, 10-step fit, and the trained model."""
     losses = []
 
@@ -118,7 +123,7 @@ def fit_losses(model_dir, pair_files, **model_args) -> tuple[list[float], Senten
             losses.append(outputs["loss"].item())
 
     L.seed_everything(42)
-    model = SentenceEmbedder(pretrained=str(model_dir), lr=1e-3, **model_args)
+    model = SentenceEncoderTraining(pretrained=str(model_dir), lr=1e-3, **model_args)
     data = PairDataModule(str(pair_files["train"]), str(pair_files["val"]), None, batch_size=8)
     trainer = L.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         limit_val_batches=0, callbacks=[RecordLoss()])
@@ -127,7 +132,7 @@ def fit_losses(model_dir, pair_files, **model_args) -> tuple[list[float], Senten
 
 
 def test_the_default_loss_is_cosine_mse_and_trains_bit_identically(tiny_model_dir, pair_files):
-    from minilm_sts.losses import cosine_mse_loss
+    from minilm_sts.training.losses import cosine_mse_loss
 
     default_losses, default = fit_losses(tiny_model_dir, pair_files)
     named_losses, named = fit_losses(tiny_model_dir, pair_files, loss="cosine_mse", loss_params={})
@@ -149,16 +154,17 @@ def test_the_default_loss_is_cosine_mse_and_trains_bit_identically(tiny_model_di
 ])
 def test_a_bad_loss_or_parameter_fails_at_construction(tiny_model_dir, loss, params, message):
     with pytest.raises(UserInputError, match=re.escape(message)):
-        SentenceEmbedder(pretrained=str(tiny_model_dir), loss=loss, loss_params=params)
+        SentenceEncoderTraining(pretrained=str(tiny_model_dir), loss=loss, loss_params=params)
 
 
 def test_the_loss_and_its_parameters_are_plain_saved_hyperparameters(tiny_model_dir, tmp_path):
-    model = SentenceEmbedder(pretrained=str(tiny_model_dir), loss="mnrl", loss_params={"scale": 10.0, "symmetric": True})
+    model = SentenceEncoderTraining(pretrained=str(tiny_model_dir), loss="mnrl",
+                             loss_params={"scale": 10.0, "symmetric": True})
     torch.save({"hyper_parameters": dict(model.hparams)}, tmp_path / "h.pt")
     saved = torch.load(tmp_path / "h.pt", weights_only=True)["hyper_parameters"]
     assert saved["loss"] == "mnrl" and saved["loss_params"] == {"scale": 10.0, "symmetric": True}
     assert model.losses_for(["a", "b"]) == {"a": "mnrl", "b": "mnrl"}
-    per_set = SentenceEmbedder(pretrained=str(tiny_model_dir), loss={"a": "mnrl", "b": "cosent"})
+    per_set = SentenceEncoderTraining(pretrained=str(tiny_model_dir), loss={"a": "mnrl", "b": "cosent"})
     assert per_set.losses_for(["b", "a"]) == {"b": "cosent", "a": "mnrl"}
     with pytest.raises(UserInputError, match=re.escape("loss names the training sets ['a', 'b'], but they are ['a']")):
         per_set.losses_for(["a"])
@@ -167,8 +173,8 @@ def test_the_loss_and_its_parameters_are_plain_saved_hyperparameters(tiny_model_
 @pytest.mark.parametrize("compile", [False, True])
 def test_a_gpu_fit_without_compile_says_that_compiling_trains_faster(tiny_model_dir, monkeypatch, recwarn, compile):
     # The logic a GPU run follows, on the CPU: only the device the module reports differs.
-    model = SentenceEmbedder(pretrained=str(tiny_model_dir), compile=compile)
-    monkeypatch.setattr(SentenceEmbedder, "device", property(lambda self: torch.device("cuda")))
+    model = SentenceEncoderTraining(pretrained=str(tiny_model_dir), compile=compile)
+    monkeypatch.setattr(SentenceEncoderTraining, "device", property(lambda self: torch.device("cuda")))
     model.on_fit_start()
     advice = [str(w.message) for w in recwarn if "--model.compile true" in str(w.message)]
     assert len(advice) == (0 if compile else 1)

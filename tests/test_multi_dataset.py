@@ -4,14 +4,14 @@
 import lightning as L
 import pytest
 
-from minilm_sts.card import render_model_card
-from minilm_sts.datamodule import PairDataModule, source_name
-from minilm_sts.errors import UserInputError
-from minilm_sts.module import SentenceEmbedder
-from minilm_sts.module_callbacks import RunRecord
-from minilm_sts.pairs import PairDataError, read_pairs
+from minilm_sts.data.pair_data_module import PairDataModule, source_name
+from minilm_sts.data.pairs import read_pairs
+from minilm_sts.errors import PairDataError, UserInputError
+from minilm_sts.serving.model_card import render_model_card
+from minilm_sts.training.callbacks.run_record import RunRecord
+from minilm_sts.training.sentence_encoder_training import SentenceEncoderTraining
 
-from helpers import write_tsv
+from helpers import attached, write_tsv
 
 
 def test_names_of_sources():
@@ -26,7 +26,7 @@ def test_names_of_sources():
 
 def test_two_train_and_two_validation_sets(tiny_model_dir, pair_files, tmp_path):
     L.seed_everything(0)
-    model = SentenceEmbedder(pretrained=str(tiny_model_dir))
+    model = SentenceEncoderTraining(pretrained=str(tiny_model_dir))
     data = PairDataModule(train_path=[str(pair_files["train"]), str(pair_files["val"])],
                           val_path={"first": str(pair_files["train"]), "second": str(pair_files["val"])},
                           test_path=None, batch_size=8, monitor_val="second", forgetting_guard=False)
@@ -39,7 +39,7 @@ def test_two_train_and_two_validation_sets(tiny_model_dir, pair_files, tmp_path)
         assert f"val/{name}/spearman_cosine" in metrics and f"val/{name}/pearson_cosine" in metrics
     assert metrics["val/spearman_cosine"] == metrics["val/second/spearman_cosine"]  # the monitored set
     assert metrics["val/spearman_cosine"] != metrics["val/first/spearman_cosine"]
-    sources = [d["source"] for d in RunRecord.of(trainer).record["datasets"]["train"]]
+    sources = [d["source"] for d in attached(trainer, RunRecord).record["datasets"]["train"]]
     assert sources == [str(pair_files["train"]), str(pair_files["val"])]
 
 
@@ -51,7 +51,8 @@ def test_the_forgetting_guard_joins_the_validation_sets_only_when_training_on_ot
     assert PairDataModule(train, val, None, monitor_val="stsb").eval_names("val") == ["stsb", "val"]  # if asked
     unguarded = [(("val",), PairDataModule(train, val, None, forgetting_guard=False)),  # switched off
                  (("val",), PairDataModule(["builtin:stsb/train", train], val, None)),  # training on STS-B
-                 (("mine", "dev"), PairDataModule(train, {"mine": val, "dev": "builtin:stsb/dev"}, None)),  # validated on
+                 (("mine", "dev"),
+                  PairDataModule(train, {"mine": val, "dev": "builtin:stsb/dev"}, None)),  # validated on
                  (("val",), PairDataModule(None, val, None)),  # not training
                  ((), PairDataModule(train, None, None))]  # not validating
     for names, data in unguarded:
@@ -68,7 +69,7 @@ def test_the_forgetting_guard_reads_stsb_whatever_the_options_for_the_users_file
     user.write_text("q1\tq2\tgold\na man\ta dog\t4.5\nthe cat\tthe car\t0.5\n", encoding="utf-8")
     data = PairDataModule(str(user), str(user), None, sentence_columns=["q1", "q2"], label_column="gold",
                           label_scale=5.0)
-    data.tokenizer, data.max_seq_length = AutoTokenizer.from_pretrained(str(tiny_model_dir)), 128
+    data.tokenize_with(AutoTokenizer.from_pretrained(str(tiny_model_dir)), 128)
     data.setup("validate")
     assert data.datasets["val"]["scores"].pairs.labels.tolist() == pytest.approx([0.9, 0.1])
     guard = data.datasets["val"]["stsb"].pairs
@@ -81,7 +82,7 @@ def test_each_training_set_trains_with_its_own_loss(tiny_model_dir, pair_files, 
     graded = read_pairs(str(pair_files["train"]))
     dups = write_tsv(tmp_path / "dups.tsv", [[a, b, float(label >= 0.5)] for a, b, label in
                                              zip(graded.sentences_a, graded.sentences_b, graded.labels)])
-    model = SentenceEmbedder(pretrained=str(tiny_model_dir), loss={"dups": "mnrl", "graded": "cosent"},
+    model = SentenceEncoderTraining(pretrained=str(tiny_model_dir), loss={"dups": "mnrl", "graded": "cosent"},
                              loss_params={"dups": {"scale": 10.0}})
     calls = []
 
@@ -104,7 +105,7 @@ def test_each_training_set_trains_with_its_own_loss(tiny_model_dir, pair_files, 
     assert all((labels == 1).all() for name, labels in calls if name == "dups")
     assert any(((labels > 0) & (labels < 1)).any() for name, labels in calls if name == "graded")
     assert {"train/loss", "train/dups/loss", "train/graded/loss"} <= set(trainer.logged_metrics)
-    card = render_model_card(model, RunRecord.of(trainer).record)
+    card = render_model_card(model.hparams, attached(trainer, RunRecord).record)
     assert "- loss:MultipleNegativesRankingLoss\n- loss:CoSENTLoss\n" in card
     blocks = card.split("### Evaluation Dataset")[0].split("#### ")[1:]
     assert "(minilm_sts `mnrl`)" in blocks[0] and '"scale": 10.0' in blocks[0] and "CoSENTLoss" not in blocks[0]
@@ -113,9 +114,10 @@ def test_each_training_set_trains_with_its_own_loss(tiny_model_dir, pair_files, 
 
 
 def test_one_loss_per_set_must_name_every_training_set(tiny_model_dir, pair_files):
-    model = SentenceEmbedder(pretrained=str(tiny_model_dir), loss={"dups": "mnrl"})
+    model = SentenceEncoderTraining(pretrained=str(tiny_model_dir), loss={"dups": "mnrl"})
     data = PairDataModule({"dups": str(pair_files["train"]), "graded": str(pair_files["val"])}, str(pair_files["val"]),
                           forgetting_guard=False)
     trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False)
-    with pytest.raises(UserInputError, match=r"loss names the training sets \['dups'\], but they are \['dups', 'graded'\]"):
+    with pytest.raises(UserInputError,
+                       match=r"loss names the training sets \['dups'\], but they are \['dups', 'graded'\]"):
         trainer.fit(model, data)

@@ -5,8 +5,9 @@ import json
 
 import pytest
 
-from minilm_sts.pairs import PairDataError, read_pairs, read_sentences
-from minilm_sts.sources import FileSource, HfSource, builtin_path, parse_source
+from minilm_sts.data.pairs import read_pairs, read_sentences
+from minilm_sts.data.sources import FileSource, HfSource, builtin_path, parse_source
+from minilm_sts.errors import PairDataError
 
 from helpers import FIXTURES, write_tsv
 
@@ -15,8 +16,10 @@ GOOD = [["a man plays", "a man is playing", 0.9], ["a dog", "a cat", 0.2]]
 
 def test_reads_tsv_csv_jsonl_parquet_and_gz(tmp_path):
     write_tsv(tmp_path / "p.tsv", GOOD)
-    (tmp_path / "p.csv").write_text('sentence_0,sentence_1,label\n"a man plays","a man is playing",0.9\na dog,a cat,0.2\n')
-    (tmp_path / "p.jsonl").write_text("\n".join(json.dumps(dict(zip(["sentence_0", "sentence_1", "label"], r))) for r in GOOD))
+    (tmp_path / "p.csv").write_text('sentence_0,sentence_1,label\n"a man plays","a man is playing",0.9\n'
+                                    'a dog,a cat,0.2\n')
+    (tmp_path / "p.jsonl").write_text("\n".join(json.dumps(dict(zip(["sentence_0", "sentence_1", "label"], r)))
+                                                for r in GOOD))
     with gzip.open(tmp_path / "p.tsv.gz", "wt") as handle:
         handle.write((tmp_path / "p.tsv").read_text())
     import pyarrow as pa
@@ -71,7 +74,8 @@ def test_explicit_columns(tmp_path):
     [
         ([["a", "b", "0.5"]], ("text_a", "sentence_1", "label"), {}, r"sentence columns .* not found; the columns are"),
         ([["a", "b", "0.5"]], ("sentence_0", "sentence_1", "y"), {}, r"label column label or score not found"),
-        ([["a", "b", "0.5"], ["a", "  ", "0.5"]], None, {}, r"line 3, column 'sentence_1': expected a non-empty sentence"),
+        ([["a", "b", "0.5"], ["a", "  ", "0.5"]], None, {},
+         r"line 3, column 'sentence_1': expected a non-empty sentence"),
         ([["a", "b", "0.5"], ["", "b", "0.5"]], None, {}, r"line 3, column 'sentence_0'"),
         ([["a", "b", "high"]], None, {}, r"line 2, column 'label': expected a finite number, got 'high'"),
         ([["a", "b", "0.1"], ["a", "b", "nan"]], None, {}, r"line 3, column 'label': expected a finite number"),
@@ -113,7 +117,8 @@ def test_bad_files(tmp_path):
 
 
 def test_drop_invalid_is_opt_in_counted_and_reported(tmp_path):
-    rows = [["a dog", "a cat", "0.5"], ["", "a cat", "0.5"], ["a man", "a woman", "nan"], ["b", "c", "7"], ["d", "e", "1"]]
+    rows = [["a dog", "a cat", "0.5"], ["", "a cat", "0.5"], ["a man", "a woman", "nan"], ["b", "c", "7"],
+            ["d", "e", "1"]]
     path = write_tsv(tmp_path / "mixed.tsv", rows)
     with pytest.raises(PairDataError, match="line 3"):
         read_pairs(str(path))
@@ -130,7 +135,8 @@ def test_hugging_face_dataset_while_offline(monkeypatch):
         raise ConnectionError("Couldn't reach 'org/pairs' on the Hub (LocalEntryNotFoundError)")
 
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=offline))
-    with pytest.raises(PairDataError, match=r"hf:org/pairs:train: could not load the Hugging Face dataset \(ConnectionError"):
+    with pytest.raises(PairDataError,
+                       match=r"hf:org/pairs:train: could not load the Hugging Face dataset \(ConnectionError"):
         read_pairs("hf:org/pairs:train")
     monkeypatch.setitem(sys.modules, "datasets", None)  # not installed at all
     with pytest.raises(PairDataError, match="need the `datasets` package"):
@@ -145,7 +151,8 @@ def test_sources_parse_into_one_kind_of_object_each():
     assert packaged == FileSource("builtin:stsb/dev", builtin_path("stsb/dev"), "stsb-dev") and packaged.format == "tsv"
     assert parse_source("hf:org/pairs:train") == HfSource("hf:org/pairs:train", "org/pairs", None, "train")
     hub = parse_source("hf:org/pairs:en:validation")
-    assert (hub.dataset, hub.config, hub.split, hub.name) == ("org/pairs", "en", "validation", "org-pairs-en-validation")
+    assert (hub.dataset, hub.config, hub.split, hub.name) == ("org/pairs", "en", "validation",
+                                                              "org-pairs-en-validation")
     assert parse_source(hub) is hub
     for bad in ("hf:a:b:c:d", "hf::train"):
         with pytest.raises(PairDataError, match=r"expected hf:NAME\[:CONFIG\]:SPLIT"):
@@ -191,19 +198,22 @@ def test_bytes_that_are_not_utf8_name_their_line(tmp_path):
     (tmp_path / "latin.tsv").write_bytes(data)
     with gzip.open(tmp_path / "latin.tsv.gz", "wb") as handle:
         handle.write(data)
-    (tmp_path / "latin.jsonl").write_bytes(b'{"sentence_0": "a", "sentence_1": "b", "label": 1}\n{"sentence_0": "\xff"}\n')
+    (tmp_path / "latin.jsonl").write_bytes(b'{"sentence_0": "a", "sentence_1": "b", "label": 1}\n'
+                                           b'{"sentence_0": "\xff"}\n')
     (tmp_path / "latin.txt").write_bytes(b"a dog\nb\xe9\n")
     expected = {"latin.tsv": (2502, "0xe9", 7), "latin.tsv.gz": (2502, "0xe9", 7), "latin.jsonl": (2, "0xff", 17),
                 "latin.txt": (2, "0xe9", 2)}
     for name, (line, byte, position) in expected.items():
         read = read_sentences if name.endswith(".txt") else read_pairs
-        with pytest.raises(PairDataError, match=rf"{name}, line {line}: not valid UTF-8 \(byte {byte} at byte {position} "
+        with pytest.raises(PairDataError, match=rf"{name}, line {line}: not valid UTF-8 \(byte {byte} "
+                                                rf"at byte {position} "
                                                 r"of the line.*\); re-save the file as UTF-8"):
             read(str(tmp_path / name))
 
 
 def test_text_file_quirks(tmp_path):
-    (tmp_path / "bom_crlf.tsv").write_bytes("\ufeffsentence_0\tsentence_1\tlabel\r\na dog\ta cat\t0.5\r\nb\tc\t1\r\n".encode())
+    (tmp_path / "bom_crlf.tsv").write_bytes("\ufeffsentence_0\tsentence_1\tlabel\r\n"
+                                            "a dog\ta cat\t0.5\r\nb\tc\t1\r\n".encode())
     table = read_pairs(str(tmp_path / "bom_crlf.tsv"))  # a BOM and CRLF line endings read cleanly
     assert table.sentences_a == ["a dog", "b"] and table.labels == [0.5, 1.0]
     (tmp_path / "quote.tsv").write_text('sentence_0\tsentence_1\tlabel\n"a dog\ta cat\t0.5\nb\tc\t1\n')
@@ -215,7 +225,8 @@ def test_parquet_with_wrong_types(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pq.write_table(pa.table({"sentence_0": [1, 2], "sentence_1": ["a", "b"], "label": [0.5, 0.1]}), tmp_path / "p.parquet")
+    pq.write_table(pa.table({"sentence_0": [1, 2], "sentence_1": ["a", "b"], "label": [0.5, 0.1]}),
+                   tmp_path / "p.parquet")
     with pytest.raises(PairDataError, match=r"row 1, column 'sentence_0': expected a non-empty sentence, got 1"):
         read_pairs(str(tmp_path / "p.parquet"))
     pq.write_table(pa.table({"sentence_0": ["a"], "sentence_1": ["b"], "label": [None]}), tmp_path / "n.parquet")

@@ -7,8 +7,8 @@ the correlations' against scipy in test_similarity.py.
 import pytest
 import torch
 
-from minilm_sts.encoder import PaddedLayout
-from minilm_sts.pairs import read_pairs
+from minilm_sts.data.pairs import read_pairs
+from minilm_sts.model.bert import PaddedLayout
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import minilm_sts
-from minilm_sts.embedder import SentenceEncoder
-from minilm_sts.module import SentenceEmbedder
-from minilm_sts.pairs import PairDataError
-from minilm_sts.predict import predict
+from minilm_sts.errors import PairDataError
+from minilm_sts.model.sentence_encoder import SentenceEncoder
+from minilm_sts.serving.predict import predict
+from minilm_sts.training.sentence_encoder_training import SentenceEncoderTraining
 
 SENTENCES = ["a man is playing the guitar", "a dog runs on the road", "children eat food", "a cat"]
 
@@ -74,10 +74,12 @@ def test_predict_command_from_a_checkpoint(tiny_model_dir, tmp_path):
     import lightning as L
 
     trainer = L.Trainer(logger=False)
-    trainer.strategy.connect(SentenceEmbedder(pretrained=str(tiny_model_dir)))
+    trainer.strategy.connect(SentenceEncoderTraining(pretrained=str(tiny_model_dir)))
     trainer.save_checkpoint(tmp_path / "m.ckpt")
     (tmp_path / "s.txt").write_text("\n".join(SENTENCES))
-    result = subprocess.run([sys.executable, "-m", "minilm_sts", "predict", str(tmp_path / "m.ckpt"), str(tmp_path / "s.txt"),
-                             "--output", str(tmp_path / "e.npy"), "--batch-size", "3"], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "minilm_sts", "predict", str(tmp_path / "m.ckpt"),
+                             str(tmp_path / "s.txt"), "--output", str(tmp_path / "e.npy"), "--batch-size", "3"],
+                            capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert torch.allclose(torch.from_numpy(np.load(tmp_path / "e.npy")), minilm_sts.load(tmp_path / "m.ckpt").encode(SENTENCES), atol=1e-6)
+    assert torch.allclose(torch.from_numpy(np.load(tmp_path / "e.npy")),
+                          minilm_sts.load(tmp_path / "m.ckpt").encode(SENTENCES), atol=1e-6)

@@ -10,10 +10,11 @@ import lightning as L
 import pytest
 import torch
 
-from minilm_sts.batching import PairBatches
-from minilm_sts.module_callbacks import LEGACY_RECORD_KEY, RunRecord, read_run_record
+from minilm_sts.data.batching import PairBatches
+from minilm_sts.model.checkpoint import LEGACY_RECORD_KEY, read_run_record
+from minilm_sts.training.callbacks.run_record import RunRecord
 
-from helpers import rewrite_in_the_previous_format, run
+from helpers import attached, rewrite_in_the_previous_format, run
 
 
 class Crash(Exception):
@@ -39,7 +40,8 @@ def test_resume_mid_epoch_equals_uninterrupted(tiny_model_dir, pair_files, tmp_p
     with pytest.raises(Crash):  # dies at step 8, in epoch 2, after last.ckpt was written at step 7
         run(tiny_model_dir, pair_files, tmp_path / "part", callbacks=[CrashAtStep(8)])
     assert torch.load(tmp_path / "part" / "last.ckpt", weights_only=True)["global_step"] == 7
-    resumed, resumed_trainer = run(tiny_model_dir, pair_files, tmp_path / "part", ckpt_path=tmp_path / "part" / "last.ckpt")
+    resumed, resumed_trainer = run(tiny_model_dir, pair_files, tmp_path / "part",
+                                   ckpt_path=tmp_path / "part" / "last.ckpt")
     assert_same_run(full, full_trainer, resumed, resumed_trainer)
 
 
@@ -50,13 +52,14 @@ def test_a_guarded_run_resumes_without_validating_before_training_again(tiny_mod
     full, full_trainer = run(tiny_model_dir, pair_files, tmp_path / "full", forgetting_guard=True)
     with pytest.raises(Crash):
         run(tiny_model_dir, pair_files, tmp_path / "part", callbacks=[CrashAtStep(8)], forgetting_guard=True)
-    before = RunRecord.of(full_trainer).record["before_training"]
+    before = attached(full_trainer, RunRecord).record["before_training"]
     assert read_run_record(torch.load(tmp_path / "part" / "last.ckpt", weights_only=True))["before_training"] == before
     validations = []
-    resumed, resumed_trainer = run(tiny_model_dir, pair_files, tmp_path / "part", ckpt_path=tmp_path / "part" / "last.ckpt",
+    resumed, resumed_trainer = run(tiny_model_dir, pair_files, tmp_path / "part",
+                                   ckpt_path=tmp_path / "part" / "last.ckpt",
                                    callbacks=[StepsValidated(validations)], forgetting_guard=True)
     assert validations == [9]  # none at step 7, where it resumed: only the run's own, every 3 steps
-    assert RunRecord.of(resumed_trainer).record["before_training"] == before
+    assert attached(resumed_trainer, RunRecord).record["before_training"] == before
     assert_same_run(full, full_trainer, resumed, resumed_trainer)
 
 
@@ -72,7 +75,7 @@ def assert_same_run(full, full_trainer, resumed, resumed_trainer) -> None:
     assert resumed_trainer.global_step == 10
     for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-6), name
-    full_log, resumed_log = RunRecord.of(full_trainer).record["log"], RunRecord.of(resumed_trainer).record["log"]
+    full_log, resumed_log = attached(full_trainer, RunRecord).record["log"], attached(resumed_trainer, RunRecord).record["log"]
     assert [r["step"] for r in resumed_log] == [r["step"] for r in full_log] == [3, 6, 9]
     for a, b in zip(full_log, resumed_log):
         assert abs(a["spearman_cosine"] - b["spearman_cosine"]) <= 1e-6
@@ -128,15 +131,15 @@ def test_proportional_visits_every_batch_of_every_dataset():
 KILL_AFTER_FIRST_VALIDATION = """
 import os, signal
 import lightning as L
-import minilm_sts.cli as cli
+from minilm_sts.cli import lightning_cli, main
 
 class KillAfterFirstValidation(L.Callback):
     def on_train_batch_start(self, trainer, *args):
         if trainer.global_step == 2:  # step 2 has trained and validated; nothing of step 3 has run
             os.kill(os.getpid(), signal.SIGKILL)
 
-cli.TRAINER_DEFAULTS["callbacks"].append(KillAfterFirstValidation())
-cli.main()
+lightning_cli.TRAINER_DEFAULTS["callbacks"].append(KillAfterFirstValidation())
+main()
 """
 
 
@@ -150,7 +153,8 @@ def test_cli_killed_after_its_first_validation_resumes_from_last_to_the_uninterr
             "--trainer.max_epochs", "2", "--trainer.val_check_interval", "2", "--trainer.logger", "false",
             "--trainer.enable_progress_bar", "false", "--data.forgetting_guard", "false"]
     (tmp_path / "full").mkdir(), (tmp_path / "part").mkdir()
-    full = subprocess.Popen([sys.executable, "-m", "minilm_sts", *args], cwd=tmp_path / "full", stderr=subprocess.PIPE, text=True)
+    full = subprocess.Popen([sys.executable, "-m", "minilm_sts", *args], cwd=tmp_path / "full", stderr=subprocess.PIPE,
+                            text=True)
     killed = subprocess.run([sys.executable, "-c", KILL_AFTER_FIRST_VALIDATION, *args], cwd=tmp_path / "part",
                             capture_output=True, text=True)
     assert full.wait() == 0, full.stderr.read()[-3000:]
@@ -179,7 +183,7 @@ KILLED_RUN = """
 import os, signal, sys
 import lightning as L
 sys.path.insert(0, {tests!r})
-from helpers import rewrite_in_the_previous_format, run
+from helpers import attached, rewrite_in_the_previous_format, run
 
 class SigkillAtStep(L.Callback):
     def on_train_batch_end(self, trainer, *args):
@@ -193,15 +197,15 @@ run({model!r}, pair_files, {root!r}, callbacks=[SigkillAtStep()])
 
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tiny_model_dir, pair_files, tmp_path):
     full, full_trainer = run(tiny_model_dir, pair_files, tmp_path / "full")
-    script = KILLED_RUN.format(tests=str(Path(__file__).parent), train=str(pair_files["train"]), val=str(pair_files["val"]),
-                               model=str(tiny_model_dir), root=str(tmp_path / "part"))
+    script = KILLED_RUN.format(tests=str(Path(__file__).parent), train=str(pair_files["train"]),
+                               val=str(pair_files["val"]), model=str(tiny_model_dir), root=str(tmp_path / "part"))
     killed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert torch.load(tmp_path / "part" / "last.ckpt", weights_only=True)["global_step"] == 7
     assert not list((tmp_path / "part").glob("*.tmp*"))  # no half-written file left beside it
     resumed, trainer = run(tiny_model_dir, pair_files, tmp_path / "part", ckpt_path=tmp_path / "part" / "last.ckpt")
     assert trainer.global_step == 10
-    assert [r["spearman_cosine"] for r in RunRecord.of(trainer).record["log"]] == pytest.approx(
-        [r["spearman_cosine"] for r in RunRecord.of(full_trainer).record["log"]], abs=1e-6)
+    assert [r["spearman_cosine"] for r in attached(trainer, RunRecord).record["log"]] == pytest.approx(
+        [r["spearman_cosine"] for r in attached(full_trainer, RunRecord).record["log"]], abs=1e-6)
     for a, b in zip(full.parameters(), resumed.parameters()):
         assert torch.allclose(a, b, atol=1e-6)

@@ -5,7 +5,7 @@ import pytest
 import scipy.stats
 import torch
 
-from minilm_sts.similarity import correlations
+from minilm_sts.evaluation.correlations import correlations
 
 
 @pytest.mark.parametrize("kind", ["continuous", "binary-ties", "ties-in-scores"])

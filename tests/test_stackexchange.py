@@ -12,7 +12,8 @@ import tracemalloc
 
 import pytest
 
-from minilm_sts.stackexchange import DumpError, build_pairs, iter_rows, write_pairs
+from minilm_sts.data.stackexchange import build_pairs, iter_rows, write_pairs
+from minilm_sts.errors import DumpError
 
 from helpers import FIXTURES
 
@@ -43,14 +44,16 @@ def test_labels_balanced_and_no_title_crosses_splits(built):
     every = [row for split_rows in rows.values() for row in split_rows]
     assert sum(row[2] for row in every) == len(every) / 2
     titles = {split: {t.lower() for a, b, *_ in split_rows for t in (a, b)} for split, split_rows in rows.items()}
-    assert not titles["train"] & titles["dev"] and not titles["train"] & titles["test"] and not titles["dev"] & titles["test"]
+    assert (not titles["train"] & titles["dev"] and not titles["train"] & titles["test"]
+            and not titles["dev"] & titles["test"])
     assert all(a.lower() != b.lower() for a, b, *_ in every)
     assert len({frozenset((a.lower(), b.lower())) for a, b, *_ in every}) == len(every)  # nothing repeated
 
 
 def test_negatives_are_not_linked_in_any_way(built):
     rows, _ = built
-    positives = {frozenset((a.lower(), b.lower())) for split_rows in rows.values() for a, b, y, _ in split_rows if y == 1.0}
+    positives = {frozenset((a.lower(), b.lower()))
+                 for split_rows in rows.values() for a, b, y, _ in split_rows if y == 1.0}
     for split_rows in rows.values():
         for a, b, label, _ in split_rows:
             if label == 0.0:
@@ -74,7 +77,7 @@ def test_negative_ratio_is_configurable():
 
 
 def test_output_formats_read_back_as_training_data(built, tmp_path):
-    from minilm_sts.pairs import read_pairs
+    from minilm_sts.data.pairs import read_pairs
 
     rows, _ = built
     for fmt in ("tsv", "jsonl", "parquet"):

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-import minilm_sts.tokenized as tokenized
-from minilm_sts.datamodule import PairDataModule, PairDataset
-from minilm_sts.pairs import PairDataError, ReadOptions
-from minilm_sts.tokenized import cache_root, load_tokenized
+import minilm_sts.data.token_cache as token_cache
+from minilm_sts.data.pair_data_module import PairDataModule, PairDataset
+from minilm_sts.data.pairs import ReadOptions
+from minilm_sts.data.token_cache import cache_root, load_tokenized
+from minilm_sts.errors import PairDataError
 
 from helpers import write_tsv
 
@@ -26,7 +27,7 @@ def tokenizer(tiny_model_dir):
 
 def test_second_load_comes_from_cache(tokenizer, pair_files, monkeypatch):
     first = load_tokenized(str(pair_files["train"]), tokenizer, 128)
-    monkeypatch.setattr(tokenized, "read_pairs", lambda *a, **k: pytest.fail("the cached entry was not used"))
+    monkeypatch.setattr(token_cache, "read_pairs", lambda *a, **k: pytest.fail("the cached entry was not used"))
     second = load_tokenized(str(pair_files["train"]), tokenizer, 128)
     assert np.array_equal(first.ids, second.ids) and np.array_equal(first.labels, second.labels)
     assert len(second) == 40
@@ -36,7 +37,8 @@ def test_changed_content_or_options_miss_the_cache(tokenizer, pair_files):
     path = str(pair_files["train"])
     base = load_tokenized(path, tokenizer, 128)
     assert load_tokenized(path, tokenizer, 4).ids.size < base.ids.size
-    assert load_tokenized(path, tokenizer, 128, ReadOptions(label_scale=2.0)).labels[0] == pytest.approx(base.labels[0] / 2)
+    assert (load_tokenized(path, tokenizer, 128, ReadOptions(label_scale=2.0)).labels[0]
+            == pytest.approx(base.labels[0] / 2))
     with open(path, "a") as handle:
         handle.write("a dog\ta cat\t0.5\n")
     assert len(load_tokenized(path, tokenizer, 128)) == 41
@@ -66,12 +68,12 @@ def test_evaluation_split_needs_two_distinct_labels(tiny_model_dir, tmp_path):
 
     constant = write_tsv(tmp_path / "const.tsv", [["a dog", "a cat", 1.0], ["a man", "a woman", 1.0]])
     data = PairDataModule(None, str(constant), None)
-    data.tokenizer, data.max_seq_length = AutoTokenizer.from_pretrained(tiny_model_dir), 128
+    data.tokenize_with(AutoTokenizer.from_pretrained(tiny_model_dir), 128)
     with pytest.raises(PairDataError, match="correlation of cosine with label is undefined"):
         data.setup("validate")
     single = write_tsv(tmp_path / "one.tsv", [["a dog", "a cat", 1.0]])
     data = PairDataModule(None, str(single), None)
-    data.tokenizer, data.max_seq_length = AutoTokenizer.from_pretrained(tiny_model_dir), 128
+    data.tokenize_with(AutoTokenizer.from_pretrained(tiny_model_dir), 128)
     with pytest.raises(PairDataError, match="at least 2 pairs"):
         data.setup("validate")
 
@@ -81,7 +83,7 @@ def test_missing_file_or_directory_is_a_data_error_before_the_cache(tokenizer, t
     for path, message in ((tmp_path / "nope.tsv", "nope.tsv: file not found; expected a .csv"),
                           (tmp_path, "is a directory, not a file; expected a .csv")):
         data = PairDataModule(str(path), None, None)
-        data.tokenizer, data.max_seq_length = tokenizer, 128
+        data.tokenize_with(tokenizer, 128)
         with pytest.raises(PairDataError, match=message):
             data.setup("fit")
 
@@ -105,8 +107,9 @@ def test_every_read_option_gives_the_same_result_cold_or_warm(tokenizer, tmp_pat
     path = str(write_tsv(tmp_path / "p.tsv", [["a dog", "a cat", "the man", "a woman", 0.5, 0.25],
                                               ["a car", "the road", "a child", "food", 1.0, 7],
                                               ["dogs run", "cats eat", "men play", "water", 0.0, 1.0]], header=header))
-    variants = [ReadOptions(), ReadOptions(sentence_columns=["sentence1", "sentence2"]), ReadOptions(label_column="score"),
-                ReadOptions(label_column="score", drop_invalid=True), ReadOptions(label_scale=2.0)]
+    variants = [ReadOptions(), ReadOptions(sentence_columns=["sentence1", "sentence2"]),
+                ReadOptions(label_column="score"), ReadOptions(label_column="score", drop_invalid=True),
+                ReadOptions(label_scale=2.0)]
 
     def load(options: ReadOptions, cache: str):
         monkeypatch.setenv("MINILM_STS_CACHE", str(tmp_path / cache))
@@ -128,7 +131,8 @@ class HubDataset:
     """What `datasets.load_dataset` returns, as far as reading needs: rows and a revision-dependent fingerprint."""
 
     def __init__(self, fingerprint: str, label: float):
-        self._fingerprint, self.rows = fingerprint, {"sentence_0": ["a dog", "a man"], "sentence_1": ["a cat", "a woman"],
+        self._fingerprint, self.rows = fingerprint, {"sentence_0": ["a dog", "a man"],
+                                                      "sentence_1": ["a cat", "a woman"],
                                                       "label": [label, 1.0]}
 
     def to_dict(self) -> dict:
@@ -148,5 +152,5 @@ def test_hub_dataset_is_keyed_by_its_fingerprint_and_loaded_once(tokenizer, monk
     assert loads == [("org/pairs", "en", "train")]  # once for the key and the rows together
     hub[0] = HubDataset("revision-2", 0.25)  # the dataset changed on the Hub
     assert load_tokenized("hf:org/pairs:en:train", tokenizer, 128).labels.tolist() == [0.25, 1.0]
-    monkeypatch.setattr(tokenized, "read_pairs", lambda *a, **k: pytest.fail("the cached entry was not used"))
+    monkeypatch.setattr(token_cache, "read_pairs", lambda *a, **k: pytest.fail("the cached entry was not used"))
     assert load_tokenized("hf:org/pairs:en:train", tokenizer, 128).labels.tolist() == [0.25, 1.0]

@@ -1,0 +1,2 @@
+"""Plain torch, no Lightning and no file readers: BERT, pooling, tokenization, SentenceEncoder (encode, similarity,
+save), checkpoints and where pretrained weights come from."""

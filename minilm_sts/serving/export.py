@@ -1,0 +1,42 @@
+"""Export: a trained model as a folder that sentence-transformers and transformers both load (the folder's
+layout is SentenceEncoder.save's), with the model card of the run that trained it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from minilm_sts.atomic import staged_folder
+from minilm_sts.errors import MissingInputError, OutputExistsError
+from minilm_sts.model.checkpoint import check_checkpoint, encoder_from_checkpoint, read_run_record
+from minilm_sts.model.sentence_encoder import SentenceEncoder
+from minilm_sts.serving.model_card import render_model_card
+
+
+def export_model(encoder: SentenceEncoder, out_dir: str | Path, model_card: str | None = None,
+                 overwrite: bool = False) -> Path:
+    """Write `encoder`, and `model_card` as README.md, to `out_dir`. The folder appears complete or not at all."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise OutputExistsError(f"{out_dir} exists and is not empty; choose another folder, or replace it with "
+                                "--overwrite (overwrite=True in Python)")
+    with staged_folder(out_dir, replace=True) as staging:
+        encoder.save(staging)
+        if model_card is not None:
+            (staging / "README.md").write_text(model_card, encoding="utf-8")
+    return out_dir
+
+
+def export_with_card(source: Path, out_dir: Path, overwrite: bool = False) -> Path:
+    """Export a checkpoint written by fit with the model card of its run (the checkpoint is read once, and no
+    training module is built); a model folder gets a base model's card."""
+    source = Path(source)
+    if source.is_file():
+        checkpoint = check_checkpoint(source)  # with the messages users see
+        encoder, hparams, run = encoder_from_checkpoint(checkpoint), checkpoint["hyper_parameters"], read_run_record(checkpoint)
+    elif source.is_dir():
+        encoder, run = SentenceEncoder.from_pretrained(source), None
+        hparams = {"pretrained": str(source), "max_seq_length": encoder.max_seq_length,
+                   "encoder_config": encoder.bert.config.to_dict()}
+    else:
+        raise MissingInputError(f"{source}: no such checkpoint file or model folder")
+    return export_model(encoder.eval(), out_dir, render_model_card(hparams, run), overwrite=overwrite)
