@@ -22,7 +22,7 @@ OLD_MODULES = {
     "card": ("serving.model_card",),
     "cli": ("cli.commands", "cli.lightning_cli"),
     "compat": ("_compat",),
-    "datamodule": ("data.pair_data_module",),
+    "datamodule": ("data.pair_data_module", "data.pair_datasets"),
     "embedder": ("model.sentence_encoder", "model.tokenization"),
     "encoder": ("model.bert", "model.cpu_kernels"),
     "evaluation": ("evaluation.pair_scores", "evaluation.binary", "evaluation.retrieval"),
@@ -73,7 +73,8 @@ def module_getattr(old_module: str):
     """A module `__getattr__` that serves `old_module`'s names of the flat layout, with a warning."""
     def __getattr__(name: str):
         owned = OWN_NAMES.get(old_module)
-        found = None if name.startswith("__") or (owned is not None and name not in owned) else _lookup(old_module, name)
+        found = (None if name.startswith("__") or (owned is not None and name not in owned)
+                 else _lookup(old_module, name))
         if found is None:
             raise AttributeError(f"module 'minilm_sts.{old_module}' has no attribute {name!r}")
         module, new_name = found

@@ -59,4 +59,5 @@ def cpu_precision(asked: str, asked_on_command_line: bool, native_bf16: bool) ->
         return str(asked), (f"--trainer.precision {asked} kept as given, but {why}: expect it {EMULATED_BF16_SLOWDOWN} "
                             "slower than --trainer.precision 32-true"), True
     return "32-true", (f"Precision: the recipe asks for {asked}; training in 32-true, because {why} and runs "
-                       f"{EMULATED_BF16_SLOWDOWN} slower (--trainer.precision {asked} on the command line keeps it)"), False
+                       f"{EMULATED_BF16_SLOWDOWN} slower (--trainer.precision {asked} on the command line "
+                       "keeps it)"), False

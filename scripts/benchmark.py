@@ -95,7 +95,7 @@ class Trainee:
 
 class Ours(Trainee):
     def __init__(self, pairs, model: str, device: str, precision: str, compile: bool = False):
-        from minilm_sts.data.pair_data_module import PairDataset
+        from minilm_sts.data.pair_datasets import PairDataset
         from minilm_sts.training.sentence_encoder_training import SentenceEncoderTraining
 
         super().__init__(SentenceEncoderTraining(pretrained=model, compile=compile), device, precision)

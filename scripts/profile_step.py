@@ -40,7 +40,7 @@ def matmul_gflops(size: int = 1024, repeats: int = 20) -> float:
 def training_setup(data: str, batch_size: int, steps: int):
     """The model, fused AdamW and `steps` batches of `data` in the order fit would draw them, with the host
     memory setting that `fit` applies on a CPU."""
-    from minilm_sts.data.pair_data_module import PairDataset
+    from minilm_sts.data.pair_datasets import PairDataset
     from minilm_sts.data.token_cache import load_tokenized
     from minilm_sts.training.host_memory import reuse_freed_host_memory
     from minilm_sts.training.optimization import adamw

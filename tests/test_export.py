@@ -23,7 +23,8 @@ def real_model(real_model_dir):
 
 @pytest.fixture(scope="module")
 def exported(real_model, tmp_path_factory):
-    return export_model(real_model.sentence_encoder, tmp_path_factory.mktemp("export") / "model", render_model_card(real_model.hparams))
+    return export_model(real_model.sentence_encoder, tmp_path_factory.mktemp("export") / "model",
+                        render_model_card(real_model.hparams))
 
 
 def test_layout(exported):

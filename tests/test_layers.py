@@ -33,7 +33,8 @@ def imports(path: Path) -> list[tuple[str, int, bool]]:
             names = [node.module] if node.module != "minilm_sts" else [f"minilm_sts.{a.name}" for a in node.names]
             found += [(name, node.lineno, id(node) in top_level) for name in names]
         elif isinstance(node, ast.Import):
-            found += [(a.name, node.lineno, id(node) in top_level) for a in node.names if a.name.startswith("minilm_sts.")]
+            found += [(a.name, node.lineno, id(node) in top_level) for a in node.names
+                      if a.name.startswith("minilm_sts.")]
     return found
 
 

@@ -11,7 +11,7 @@ import re
 import pytest
 import torch
 
-from minilm_sts.data.pair_data_module import PairDataset
+from minilm_sts.data.pair_datasets import PairDataset
 from minilm_sts.data.pairs import read_pairs
 from minilm_sts.data.token_cache import TokenizedPairs
 from minilm_sts.errors import UserInputError

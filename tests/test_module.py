@@ -1,4 +1,5 @@
-"""SentenceEncoderTraining: schedule, parameter groups, clipping and skipped steps under fp16, determinism, the loss option."""
+"""SentenceEncoderTraining: schedule, parameter groups, clipping and skipped steps under fp16, determinism, the loss
+option."""
 
 import re
 

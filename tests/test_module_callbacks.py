@@ -153,7 +153,8 @@ def test_the_forgetting_guard_is_validated_before_and_after_training_and_changes
     base = Trainer(logger=False, enable_progress_bar=False)  # the pass before training scored the base model
     base.validate(SentenceEncoderTraining(pretrained=str(tiny_model_dir)), PairDataModule(
         str(pair_files["train"]), str(pair_files["val"]), None, batch_size=8), verbose=False)
-    assert record["before_training"] == {name: s.metrics for name, s in base.lightning_module.latest_evaluation["val"].items()}
+    base_scores = base.lightning_module.latest_evaluation["val"]
+    assert record["before_training"] == {name: s.metrics for name, s in base_scores.items()}
 
     unguarded, plain_trainer, plain_rows = guarded_fit(tiny_model_dir, pair_files, tmp_path / "plain", False)
     assert not any(key.startswith("val/stsb/") for row in plain_rows for key, value in row.items() if value)

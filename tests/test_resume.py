@@ -75,7 +75,8 @@ def assert_same_run(full, full_trainer, resumed, resumed_trainer) -> None:
     assert resumed_trainer.global_step == 10
     for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-6), name
-    full_log, resumed_log = attached(full_trainer, RunRecord).record["log"], attached(resumed_trainer, RunRecord).record["log"]
+    full_log = attached(full_trainer, RunRecord).record["log"]
+    resumed_log = attached(resumed_trainer, RunRecord).record["log"]
     assert [r["step"] for r in resumed_log] == [r["step"] for r in full_log] == [3, 6, 9]
     for a, b in zip(full_log, resumed_log):
         assert abs(a["spearman_cosine"] - b["spearman_cosine"]) <= 1e-6

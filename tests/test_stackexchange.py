@@ -15,7 +15,7 @@ import pytest
 from minilm_sts.data.stackexchange import build_pairs, iter_rows, write_pairs
 from minilm_sts.errors import DumpError
 
-from helpers import FIXTURES
+from helpers import FIXTURES, cli
 
 SITES = sorted((FIXTURES / "stackexchange").iterdir())
 
@@ -116,3 +116,12 @@ def test_posts_are_streamed_with_bounded_memory(tmp_path):
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert peak < 8 * 2**20 < path.stat().st_size / 4
+
+
+def test_a_bad_dump_on_the_command_line_is_one_error_line(tmp_path):
+    """DumpError is a UserInputError: `build-pairs` says what is wrong in one line, exit status 2, no traceback."""
+    result = cli("build-pairs", str(tmp_path / "nowhere"), "--out", str(tmp_path / "pairs"), check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'nowhere'}: site folder not found"
+    assert not any(line.startswith(("Traceback", "  File")) for line in result.stderr.splitlines())
+    assert not (tmp_path / "pairs").exists()

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import minilm_sts.data.token_cache as token_cache
-from minilm_sts.data.pair_data_module import PairDataModule, PairDataset
+from minilm_sts.data.pair_data_module import PairDataModule
+from minilm_sts.data.pair_datasets import PairDataset
 from minilm_sts.data.pairs import ReadOptions
 from minilm_sts.data.token_cache import cache_root, load_tokenized
 from minilm_sts.errors import PairDataError

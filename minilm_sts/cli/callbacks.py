@@ -26,7 +26,8 @@ def training_length(max_steps: int, max_epochs: int, steps_per_epoch: int) -> st
     if max_epochs == -1:
         return f"Training stops after {max_steps} steps (max_steps; {epoch})"
     if max_steps <= max_epochs * steps_per_epoch:
-        return f"Training stops after {max_steps} steps: max_steps={max_steps} comes before max_epochs={max_epochs} ({epoch})"
+        return (f"Training stops after {max_steps} steps: max_steps={max_steps} comes before "
+                f"max_epochs={max_epochs} ({epoch})")
     return (f"Training stops after {max_epochs * steps_per_epoch} steps: max_epochs={max_epochs} comes before "
             f"max_steps={max_steps} ({epoch}); to train {max_steps} steps, leave out max_epochs")
 

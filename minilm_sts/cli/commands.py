@@ -39,7 +39,8 @@ def not_a_cloud_tip(record: logging.LogRecord) -> bool:
 def quiet_known_noise() -> None:
     """Silence what every run printed and no user can act on, each filter as narrow as its message."""
     # Lightning's CombinedLoader builds a torch LeafSpec, which torch 2.13 deprecates.
-    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                            category=FutureWarning)
     from lightning_utilities.core import rank_zero
 
     rank_zero.log.addFilter(not_a_cloud_tip)  # adding the same filter again changes nothing

@@ -131,7 +131,8 @@ def trains_on_cpu(accelerator) -> bool:
     """Whether the trainer will run on the CPU: asked for, or `auto` on a machine with no GPU."""
     if str(accelerator) == "cpu":
         return True
-    return str(accelerator) in ("auto", "None") and not torch.cuda.is_available() and not torch.backends.mps.is_available()
+    return (str(accelerator) in ("auto", "None") and not torch.cuda.is_available()
+            and not torch.backends.mps.is_available())
 
 
 def settle_precision(trainer, command_line: list[str]) -> None:
@@ -187,7 +188,8 @@ def closing_summary(trainer) -> str:
         lines.append(wandb_line)
     chosen = best_writer.best_model_path if best_writer else last
     if chosen:
-        test = shlex.join(["python", "-m", "minilm_sts", "test", "--config", str(folder / "config.yaml"), "--ckpt_path", chosen])
+        test = shlex.join(["python", "-m", "minilm_sts", "test", "--config", str(folder / "config.yaml"),
+                           "--ckpt_path", chosen])
         if not trainer.datamodule.sources["test"]:  # this run names no test set: the user brings one
             test += " --data.test_path <your test file>"
         export = shlex.join(["python", "-m", "minilm_sts", "export", chosen, str(folder / "model")])

@@ -55,7 +55,8 @@ def wandb_run_line(trainer: L.Trainer) -> Optional[str]:
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger) and not logger.experiment.disabled:
             run = logger.experiment
-            return f"W&B run (offline): upload it with `wandb sync {run.sync_dir}`" if run.offline else f"W&B run: {run.url}"
+            return (f"W&B run (offline): upload it with `wandb sync {run.sync_dir}`" if run.offline
+                    else f"W&B run: {run.url}")
     return None
 
 
@@ -104,11 +105,13 @@ class CosineLabelPicture(L.Callback):
             return
         scored = next(iter(sets.values()))
         cosine, labels = scored.cosine.numpy(), scored.labels.numpy()
-        title = f"validation: cosine vs label at step {trainer.global_step}, spearman {scored.metrics['spearman_cosine']:.4f}"
+        title = (f"validation: cosine vs label at step {trainer.global_step}, "
+                 f"spearman {scored.metrics['spearman_cosine']:.4f}")
         name = f"cosine_vs_label_step{trainer.global_step}.png"
         path = save_cosine_label_picture(cosine, labels, title, checkpoint_folder(trainer) / name)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 import wandb
 
-                logger.experiment.log({"val/cosine_vs_label": wandb.Image(str(path)), "trainer/global_step": trainer.global_step})
+                logger.experiment.log({"val/cosine_vs_label": wandb.Image(str(path)),
+                                       "trainer/global_step": trainer.global_step})

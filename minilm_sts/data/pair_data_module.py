@@ -1,4 +1,8 @@
-"""LightningDataModule for labelled sentence pairs: tokenized once, cached, padded per batch."""
+"""LightningDataModule for labelled sentence pairs: tokenized once, cached, padded per batch.
+
+Over 300 lines because a LightningDataModule's hooks (setup, the loaders, the card's description, resume
+state) share its sources and datasets; the datasets themselves and the batch plan live in pair_datasets.py and
+batching.py."""
 
 from __future__ import annotations
 
@@ -14,82 +18,12 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from minilm_sts._compat import epoch_batches_trained
 from minilm_sts.data.batching import PairBatches
+from minilm_sts.data.pair_datasets import ConcatPairs, PairDataset, ResumableLoader
 from minilm_sts.data.pairs import PairTable, ReadOptions, read_pairs, read_sentences
 from minilm_sts.data.sources import FileSource, builtin_path, parse_source
 from minilm_sts.data.token_cache import TokenizedPairs, load_tokenized
 from minilm_sts.errors import PairDataError
 from minilm_sts.evaluation.retrieval import DuplicateRetrieval
-
-
-class PairDataset(Dataset):
-    """Index i is pair `rows[i]` (every pair of `pairs` by default); `collate` turns a list of indices into one
-    packed batch of both columns."""
-
-    def __init__(self, pairs: TokenizedPairs, rows: Optional[np.ndarray] = None):
-        self.pairs = pairs
-        self.rows = np.arange(len(pairs)) if rows is None else rows
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, index: int) -> int:
-        return index
-
-    def collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        """Sentence A of each pair, then sentence B of each, packed end to end with no padding: one encoder call
-        embeds both columns, and `lengths` says where each sentence ends."""
-        pair_rows = self.rows[indices]
-        rows = [2 * int(i) for i in pair_rows] + [2 * int(i) + 1 for i in pair_rows]
-        sentences = [self.pairs.sentence(k) for k in rows]
-        return {
-            "input_ids": torch.from_numpy(np.concatenate(sentences).astype(np.int64)),
-            "lengths": torch.tensor([len(s) for s in sentences]),
-            "labels": torch.from_numpy(np.asarray(self.pairs.labels[pair_rows], dtype=np.float32)),
-            "indices": torch.tensor(indices),
-        }
-
-    def sentence_ids(self) -> np.ndarray:
-        """[len(self), 2]: a number per distinct sentence (equal token ids, equal number) for sentence A and B
-        of each pair: what the model sees, so two texts that tokenize alike count as one."""
-        numbers: dict[bytes, int] = {}
-        flat = [numbers.setdefault(self.pairs.sentence(2 * int(i) + side).tobytes(), len(numbers))
-                for i in self.rows for side in (0, 1)]
-        return np.asarray(flat, dtype=np.int64).reshape(-1, 2)
-
-
-class ConcatPairs(Dataset):
-    """Several named PairDatasets end to end; a batch of global indices must come from one of them, and carries
-    its name as `train_set` (the training step picks that set's loss)."""
-
-    def __init__(self, parts: dict[str, PairDataset]):
-        self.names, self.parts = list(parts), list(parts.values())
-        self.starts = np.cumsum([0] + [len(p) for p in self.parts])
-
-    def __len__(self) -> int:
-        return int(self.starts[-1])
-
-    def __getitem__(self, index: int) -> int:
-        return index
-
-    def collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        part = int(np.searchsorted(self.starts, indices[0], side="right")) - 1
-        batch = self.parts[part].collate([i - int(self.starts[part]) for i in indices])
-        return {**batch, "train_set": self.names[part]}
-
-
-class ResumableLoader(DataLoader):
-    """A DataLoader with Lightning's resumable-loader interface, delegating to its batch plan's state.
-
-    Lightning restores a loader's state only if it builds the loader after restoring its loops, but
-    `configure_optimizers` asks for `estimated_stepping_batches`, which builds it earlier. So PairDataModule's
-    own state_dict carries the same state too, and restoring it twice is harmless.
-    """
-
-    def state_dict(self) -> dict:
-        return self.batch_sampler.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.batch_sampler.load_state_dict(state)
 
 
 def source_name(source: str) -> str:
@@ -184,7 +118,8 @@ class PairDataModule(L.LightningDataModule):
                                     f"({GUARD_SOURCE}); rename it or set forgetting_guard false")
             self.sources["val"][self.guard] = GUARD_SOURCE  # last: the first set stays the monitored one
         if monitor_val is not None and monitor_val not in self.sources["val"]:
-            raise PairDataError(f"monitor_val {monitor_val!r} is not a validation set; they are {list(self.sources['val'])}")
+            raise PairDataError(f"monitor_val {monitor_val!r} is not a validation set; "
+                                f"they are {list(self.sources['val'])}")
         self.retrieval_corpora = _retrieval_corpora(retrieval, self.sources)
         self._retrieval_tasks: dict[tuple[str, str], DuplicateRetrieval] = {}
         self.datasets: dict[str, dict[str, PairDataset]] = {}
@@ -305,8 +240,9 @@ class PairDataModule(L.LightningDataModule):
         parts = self.datasets["train"]
         h, trainer = self.hparams, self.trainer
         sentence_ids = [p.sentence_ids() if self._in_batch_negatives(name) else None for name, p in parts.items()]
-        batches = PairBatches([len(p) for p in parts.values()], h.batch_size, h.seed, h.multi_dataset_sampler, self._batches_trained,
-                              rank=trainer.global_rank, world=trainer.world_size, sentence_ids=sentence_ids)
+        batches = PairBatches([len(p) for p in parts.values()], h.batch_size, h.seed, h.multi_dataset_sampler,
+                              self._batches_trained, rank=trainer.global_rank, world=trainer.world_size,
+                              sentence_ids=sentence_ids)
         if self._batches_state is not None:
             batches.load_state_dict(self._batches_state)
             self._batches_state = None

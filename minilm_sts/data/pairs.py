@@ -4,6 +4,9 @@ training starts.
 A local file is read by the reader its name selects: `.csv`, `.tsv`, `.jsonl` or `.parquet` (optionally `.gz`
 for the text formats). `ReadOptions` holds every other choice about reading, so the token cache can key on it
 whole.
+
+Over 300 lines because every row check sits beside the reader whose rows it checks, so one file says what
+is accepted.
 """
 
 from __future__ import annotations
@@ -111,7 +114,8 @@ def read_sentences(source: str | Source, column: str | None = None) -> list[str]
         if column is None:
             choices = [name for name in raw.columns if name in ("sentence", "text")] or list(raw.columns)
             if len(choices) != 1:
-                raise PairDataError(f"{source.text}: which column holds the sentences? The columns are {list(raw.columns)}")
+                raise PairDataError(f"{source.text}: which column holds the sentences? "
+                                    f"The columns are {list(raw.columns)}")
             column = choices[0]
         elif column not in raw.columns:
             raise PairDataError(f"{source.text}: column {column!r} not found; the columns are {list(raw.columns)}")
@@ -120,7 +124,8 @@ def read_sentences(source: str | Source, column: str | None = None) -> list[str]
     return _checked_sentences(source.text, raw, column)
 
 
-def read_unlabelled_pairs(source: str | Source, sentence_columns: Sequence[str] | None = None) -> tuple[list[str], list[str]] | None:
+def read_unlabelled_pairs(source: str | Source,
+                          sentence_columns: Sequence[str] | None = None) -> tuple[list[str], list[str]] | None:
     """The two sentence columns of `source`, or None when it has no recognisable pair of sentence columns."""
     source = parse_source(source)
     raw = _read_raw(source)
@@ -304,7 +309,8 @@ def _read_jsonl(source: FileSource) -> RawColumns:
                 except json.JSONDecodeError as err:
                     raise PairDataError(f"{source.text}, line {number}: broken JSON ({err.msg})") from err
                 if not isinstance(record, dict):
-                    raise PairDataError(f"{source.text}, line {number}: expected a JSON object, got {type(record).__name__}")
+                    raise PairDataError(f"{source.text}, line {number}: expected a JSON object, "
+                                        f"got {type(record).__name__}")
                 records.append((number, record))
     except UnicodeDecodeError as err:
         raise _not_utf8(source) from err

@@ -77,11 +77,13 @@ class HfSource:
         try:
             import datasets
         except ImportError as err:
-            raise PairDataError(f"{self.text}: Hugging Face datasets need the `datasets` package (pip install datasets)") from err
+            raise PairDataError(f"{self.text}: Hugging Face datasets need the `datasets` package "
+                                "(pip install datasets)") from err
         try:
             return datasets.load_dataset(self.dataset, self.config, split=self.split)
         except Exception as err:  # offline, unknown name, unknown split: all reported the same way
-            raise PairDataError(f"{self.text}: could not load the Hugging Face dataset ({type(err).__name__}: {err})") from err
+            raise PairDataError(f"{self.text}: could not load the Hugging Face dataset "
+                                f"({type(err).__name__}: {err})") from err
 
     def fingerprint(self) -> str:
         """Name, config, split and the loaded dataset's own fingerprint, which changes with the revision it was

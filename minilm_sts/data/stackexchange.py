@@ -138,7 +138,8 @@ def assign_splits(positives: list[tuple[str, str, str]], fractions: tuple[float,
     filled = [0, 0, 0]
     split_of = {}
     for root in roots:
-        index = next((i for i in range(3) if filled[i] + size[root] <= targets[i]), min(range(3), key=lambda i: filled[i] - targets[i]))
+        index = next((i for i in range(3) if filled[i] + size[root] <= targets[i]),
+                     min(range(3), key=lambda i: filled[i] - targets[i]))
         filled[index] += size[root]
         split_of[root] = SPLITS[index]
     return split_of
@@ -168,7 +169,8 @@ def build_pairs(site_paths: list[Path], fractions=(0.8, 0.1, 0.1), negatives_per
         linked.update((site.name, frozenset((site.titles[p].lower(), site.titles[r].lower())))
                       for p, r, _ in site.links if p in site.titles and r in site.titles)
     if not positives:
-        raise DumpError("no duplicate pairs in any site: nothing to build (see the summary)\n" + "\n".join(summary.lines()))
+        raise DumpError("no duplicate pairs in any site: nothing to build (see the summary)\n"
+                        + "\n".join(summary.lines()))
     split_of = assign_splits(positives, fractions, rng, clusters)
     rows = {split: [] for split in SPLITS}
     for site_name, a, b in positives:
@@ -196,7 +198,8 @@ def _title_pools(sites, clusters: Clusters, split_of: dict, fractions, rng: rand
     for site in sites:
         unique = sorted({title.lower(): title for title in site.titles.values()}.items())
         for key, title in unique:
-            split = split_of[clusters.find(key)] if key in clusters.parent else rng.choices(SPLITS, weights=fractions)[0]
+            split = (split_of[clusters.find(key)] if key in clusters.parent
+                     else rng.choices(SPLITS, weights=fractions)[0])
             pools[(site.name, split)].append(title)
     return pools
 
@@ -214,7 +217,8 @@ def _random_negative(pool: list[str], site: str, linked: set, clusters: Clusters
     for _ in range(attempts):
         a, b = rng.sample(pool, 2)
         key = frozenset((a.lower(), b.lower()))
-        same_cluster = a.lower() in clusters.parent and b.lower() in clusters.parent and clusters.find(a.lower()) == clusters.find(b.lower())
+        same_cluster = (a.lower() in clusters.parent and b.lower() in clusters.parent
+                        and clusters.find(a.lower()) == clusters.find(b.lower()))
         if len(key) == 2 and key not in used and (site, key) not in linked and not same_cluster:
             used.add(key)
             return a, b

@@ -3,8 +3,9 @@
 
 The cache key covers everything that decides the ids: the source's fingerprint (a file's bytes and the
 format its name selects, or a Hub dataset's revision), the reading options, the tokenizer and the max length.
-So a changed file or tokenizer never reuses stale ids, and a warm cache gives what a cold one would. Entries are written to a temporary folder and renamed
-into place (`staged_folder`), so an interrupted write never leaves a half entry behind.
+So a changed file or tokenizer never reuses stale ids, and a warm cache gives what a cold one would. Entries are
+written to a temporary folder and renamed into place (`staged_folder`), so an interrupted write never leaves a half
+entry behind.
 """
 
 from __future__ import annotations

@@ -9,6 +9,8 @@ T the sum of sentence lengths: projections, feed-forward and LayerNorm run on re
 attention scatters them into small padded blocks of similar-length sentences for
 `scaled_dot_product_attention`. Both compute the same embeddings; packing does less work when sentence
 lengths vary, which they always do.
+
+Over 300 lines because the model reads best whole, leaf to root, as Hugging Face's modeling_bert does.
 """
 
 from __future__ import annotations
@@ -133,7 +135,8 @@ class PackedLayout:
     def _move_to(self, device: torch.device) -> None:
         self.lengths, self.sentence, self.positions, self.token_order = (
             x.to(device, non_blocking=True) for x in (self.lengths, self.sentence, self.positions, self.token_order))
-        self.groups = [(begin, count, width, None if padding is None else tuple(x.to(device, non_blocking=True) for x in padding))
+        self.groups = [(begin, count, width,
+                        None if padding is None else tuple(x.to(device, non_blocking=True) for x in padding))
                        for begin, count, width, padding in self.groups]
 
     def arrange(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -178,7 +181,8 @@ class Embeddings(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         # Single-segment inputs: token type 0 everywhere, as the reference passes all-zero token_type_ids.
-        x = self.word_embeddings(input_ids) + self.position_embeddings(position_ids) + self.token_type_embeddings.weight[0]
+        x = (self.word_embeddings(input_ids) + self.position_embeddings(position_ids)
+             + self.token_type_embeddings.weight[0])
         return self.dropout(self.LayerNorm(x))
 
 

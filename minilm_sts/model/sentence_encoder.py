@@ -197,7 +197,8 @@ class SentenceEncoder(nn.Module):
         self.tokenizer.model_max_length = self.max_seq_length  # sentence-transformers >= 5.4 reads the length here
         self.tokenizer.save_pretrained(folder)
         _write_json(folder / "modules.json", LEGACY_MODULES)
-        _write_json(folder / "sentence_bert_config.json", {"max_seq_length": self.max_seq_length, "do_lower_case": False})
+        _write_json(folder / "sentence_bert_config.json",
+                    {"max_seq_length": self.max_seq_length, "do_lower_case": False})
         _write_json(folder / "1_Pooling" / "config.json", {
             "word_embedding_dimension": self.bert.config.hidden_size,
             "pooling_mode_cls_token": False,
@@ -211,7 +212,8 @@ class SentenceEncoder(nn.Module):
         (folder / "2_Normalize").mkdir()
         _write_json(folder / "config_sentence_transformers.json", {
             "model_type": "SentenceTransformer",
-            "__version__": {"minilm_sts": __version__, "transformers": transformers.__version__, "pytorch": torch.__version__},
+            "__version__": {"minilm_sts": __version__, "transformers": transformers.__version__,
+                            "pytorch": torch.__version__},
             "prompts": {},
             "default_prompt_name": None,
             "similarity_fn_name": "cosine",

@@ -32,7 +32,8 @@ def export_with_card(source: Path, out_dir: Path, overwrite: bool = False) -> Pa
     source = Path(source)
     if source.is_file():
         checkpoint = check_checkpoint(source)  # with the messages users see
-        encoder, hparams, run = encoder_from_checkpoint(checkpoint), checkpoint["hyper_parameters"], read_run_record(checkpoint)
+        encoder, hparams, run = (encoder_from_checkpoint(checkpoint), checkpoint["hyper_parameters"],
+                                 read_run_record(checkpoint))
     elif source.is_dir():
         encoder, run = SentenceEncoder.from_pretrained(source), None
         hparams = {"pretrained": str(source), "max_seq_length": encoder.max_seq_length,

@@ -20,8 +20,8 @@ ST_LOSSES = {
     "mnrl": ("MultipleNegativesRankingLoss", {"similarity_fct": "cos_sim"}),
 }
 DEFAULT_MONITOR = {"key": "val/spearman_cosine", "mode": "max"}
-CORRELATION_TEXT = ("Pearson and Spearman correlation of cosine similarity with the gold label (as sentence-transformers' "
-                    "EmbeddingSimilarityEvaluator)")
+CORRELATION_TEXT = ("Pearson and Spearman correlation of cosine similarity with the gold label "
+                    "(as sentence-transformers' EmbeddingSimilarityEvaluator)")
 BINARY_TEXT = ("on a set whose labels are all 0 or 1, cosine as a duplicate detector (as its "
                "BinaryClassificationEvaluator): the best accuracy and the best F1 with their cosine thresholds, the "
                "precision, recall and Matthews correlation at the F1 threshold, and average precision")
@@ -96,7 +96,8 @@ def _details(h, train) -> str:
     dims = h.encoder_config["hidden_size"]
     architecture = (
         "SentenceTransformer(\n"
-        f"  (0): Transformer({{'max_seq_length': {h.max_seq_length}, 'do_lower_case': False}}) with Transformer model: BertModel\n"
+        f"  (0): Transformer({{'max_seq_length': {h.max_seq_length}, 'do_lower_case': False}}) "
+        "with Transformer model: BertModel\n"
         f"  (1): Pooling({{'word_embedding_dimension': {dims}, 'pooling_mode_mean_tokens': True}})\n"
         "  (2): Normalize()\n)"
     )
@@ -198,10 +199,12 @@ def _dataset_block(d: dict, h) -> str:
     ]
     samples = [_row([a, b, label]), _row(["---"] * 3), *(_row([x, y, f"{z:g}"]) for x, y, z in d["samples"])]
     loss = _set_loss(h, d)
-    left_out = f" ({d['left_out']:,} rows labelled 0 left out: {loss[0]} uses positive pairs only)" if d.get("left_out") else ""
+    left_out = (f" ({d['left_out']:,} rows labelled 0 left out: {loss[0]} uses positive pairs only)"
+                if d.get("left_out") else "")
     block = (f"- Source: `{d['source']}`\n- Size: {d['size']:,} pairs{left_out}\n"
              f"- Columns: `{a}`, `{b}` and `{label}`\n"
-             f"- Approximate statistics based on the first {d['stats_rows']} samples (tokens include [CLS] and [SEP]):\n\n"
+             f"- Approximate statistics based on the first {d['stats_rows']} samples "
+             "(tokens include [CLS] and [SEP]):\n\n"
              + "\n".join(stats) + "\n\n- Samples:\n\n" + "\n".join(samples))
     if loss is None:
         return block
@@ -245,7 +248,8 @@ def _hyperparameters(h, run) -> str:
     else:
         changed = listing({k: v for k, v in everything.items() if k in defaults and defaults[k] != v}) or "(none)"
     return (f"#### Non-Default Hyperparameters\n\n{changed}\n\n"
-            f"#### All Hyperparameters\n<details><summary>Click to expand</summary>\n\n{listing(everything)}\n\n</details>")
+            "#### All Hyperparameters\n<details><summary>Click to expand</summary>\n\n"
+            f"{listing(everything)}\n\n</details>")
 
 
 def _plain(values) -> dict:

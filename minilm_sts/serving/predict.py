@@ -24,7 +24,8 @@ def predict(model, source: str, output: Path, batch_size: int = 32, column: str 
     pairs = None if is_sentence_file(source) or column else read_unlabelled_pairs(source)
     if pairs is not None:
         if output.suffix != ".csv":
-            raise UserInputError(f"{source.text} holds sentence pairs, which give one similarity per row: name a .csv output")
+            raise UserInputError(f"{source.text} holds sentence pairs, which give one similarity per row: "
+                                 "name a .csv output")
         # Both columns in one call: one progress bar for the whole job, and batches of similar length across both.
         embeddings = model.encode(pairs[0] + pairs[1], batch_size=batch_size, show_progress=True)
         left, right = embeddings[: len(pairs[0])], embeddings[len(pairs[0]) :]
@@ -62,8 +63,10 @@ def predict_command(args: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m minilm_sts predict",
                                      description="Embed a file of sentences, or score each pair of a pair file.")
     parser.add_argument("model", help="a .ckpt written by fit, or an exported / sentence-transformers folder")
-    parser.add_argument("input", help="sentences (.txt, one per line, or a table column) or pairs (.csv/.tsv/.jsonl/.parquet)")
-    parser.add_argument("--output", "-o", type=Path, required=True, help=".npy or .parquet for embeddings, .csv for pair scores")
+    parser.add_argument("input", help="sentences (.txt, one per line, or a table column) "
+                                      "or pairs (.csv/.tsv/.jsonl/.parquet)")
+    parser.add_argument("--output", "-o", type=Path, required=True,
+                        help=".npy or .parquet for embeddings, .csv for pair scores")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--column", help="the sentence column of a table of single sentences")
     parser.add_argument("--device", default=None, help="e.g. cuda; default: where the model loads (cpu)")

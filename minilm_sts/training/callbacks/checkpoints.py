@@ -26,7 +26,8 @@ class LastCheckpoint(ModelCheckpoint):
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Also when the step's periodic save came first: that one holds the state before this validation. Not at
         # step 0 (the validation before training): as for ModelCheckpoint, there is nothing trained to save.
-        if trainer.state.fn == "fit" and trainer.global_step and not trainer.sanity_checking and not trainer.fast_dev_run:
+        if (trainer.state.fn == "fit" and trainer.global_step and not trainer.sanity_checking
+                and not trainer.fast_dev_run):
             save_last_checkpoint(self, trainer)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

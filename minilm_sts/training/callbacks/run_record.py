@@ -35,7 +35,8 @@ class RunRecord(L.Callback):
         if isinstance(trainer.datamodule, PairDataModule):
             self.record["datasets"] = {split: trainer.datamodule.describe(split) for split in ("train", "val")}
             self.record["data"] = dict(trainer.datamodule.hparams)
-        self.record["defaults"] = {**constructor_defaults(type(pl_module)), **constructor_defaults(type(trainer.datamodule))}
+        self.record["defaults"] = {**constructor_defaults(type(pl_module)),
+                                   **constructor_defaults(type(trainer.datamodule))}
         self.record["trainer"] = {"max_epochs": trainer.max_epochs, "max_steps": trainer.max_steps,
                                   "precision": trainer.precision, "val_check_interval": trainer.val_check_interval,
                                   "accumulate_grad_batches": trainer.accumulate_grad_batches}
@@ -91,5 +92,6 @@ def framework_versions() -> dict[str, str]:
     import transformers
 
     versions = {"Python": platform.python_version(), "minilm_sts": __version__, "Lightning": L.__version__,
-                "Transformers": transformers.__version__, "PyTorch": torch.__version__, "Tokenizers": tokenizers.__version__}
+                "Transformers": transformers.__version__, "PyTorch": torch.__version__,
+                "Tokenizers": tokenizers.__version__}
     return {name: str(version) for name, version in versions.items()}  # plain str: checkpoints load weights_only
