@@ -36,6 +36,7 @@ from minilm_sts.data.pairs import read_pairs
 from minilm_sts.evaluation.binary import binary_classification
 from minilm_sts.evaluation.correlations import correlations
 from minilm_sts.evaluation.retrieval import DuplicateRetrieval
+from minilm_sts.hardware import cpu_has_native_bf16, describe_machine, machine
 from minilm_sts.model.pretrained import DEFAULT_MODEL
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -153,12 +154,15 @@ def render(results: list[dict], args: argparse.Namespace, corpus: int) -> str:
             cells = [f"**{statistics.mean(v):.4f}** (spread {max(v) - min(v):.4f})"
                      for v in ([r[key] for r in runs] for key in COLUMNS)]
             lines.append("| " + " | ".join([f"**{name}, mean**", runs[0]["data"], "all", *cells]) + " |")
-    command = (f"python scripts/quality_table.py --quora {args.quora} --quora-dup-random {args.quora_dup_random} "
-               f"--dev-rows {args.dev_rows} --steps {args.steps} --seeds {' '.join(map(str, args.seeds))}")
+    # The data folders by name only: their place is the reader's own, not this machine's.
+    command = (f"python scripts/quality_table.py --quora {args.quora.name} "
+               f"--quora-dup-random {args.quora_dup_random.name} --dev-rows {args.dev_rows} --steps {args.steps} "
+               f"--seeds {' '.join(map(str, args.seeds))}")
     seconds = statistics.median(r["retrieval_seconds"] for r in results)
+    precision = "bf16-mixed" if cpu_has_native_bf16() else "32-true"  # what the recipes' 16-mixed becomes here
     return (f"{TABLE_START}\nMeasured {time.strftime('%Y-%m-%d')} with torch {torch.__version__} on "
-            f"{torch.get_num_threads()} CPU threads: {args.steps} steps per run, trained in bf16-mixed (what the "
-            f"recipes' 16-mixed becomes on a CPU), scored in fp32. Retrieval over the {corpus:,} dev sentences took "
+            f"{describe_machine(machine())}: {args.steps} steps per run, trained in {precision} (what the "
+            f"recipes' 16-mixed becomes on this CPU), scored in fp32. Retrieval over the {corpus:,} dev sentences took "
             f"{seconds:.0f} s per model (median). Made by\n\n    {command}\n\n" + "\n".join(lines) + f"\n{TABLE_END}")
 
 
