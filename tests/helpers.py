@@ -20,7 +20,8 @@ from minilm_sts.training.callbacks.resume import RandomStreamOnResume
 from minilm_sts.training.callbacks.run_record import RunRecord
 from minilm_sts.training.sentence_encoder_training import SentenceEncoderTraining
 
-ROOT = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent  # on sys.path for every test (pyproject: pythonpath)
+ROOT = TESTS.parent
 FIXTURES = ROOT / "tests" / "fixtures"
 
 

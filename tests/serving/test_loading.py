@@ -15,10 +15,12 @@ from minilm_sts.data.pairs import read_pairs
 from minilm_sts.model.sentence_encoder import SentenceEncoder
 from minilm_sts.training.sentence_encoder_training import SentenceEncoderTraining
 
+from helpers import FIXTURES
+
 # Written by the code before SentenceEncoder existed (state-dict keys `encoder.*`); make.py there says how.
-PREVIOUS_LAYOUT = Path(__file__).resolve().parent / "fixtures" / "checkpoint_v0"
+PREVIOUS_LAYOUT = FIXTURES / "checkpoint_v0"
 # Written by the last flat-layout code (31 modules, before the subpackages): a checkpoint, its export, its data.
-FLAT_LAYOUT = Path(__file__).resolve().parent / "fixtures" / "checkpoint_v1"
+FLAT_LAYOUT = FIXTURES / "checkpoint_v1"
 SENTENCES = read_pairs("builtin:stsb/dev").sentences_a[:64]
 
 

@@ -4,7 +4,6 @@ uninterrupted run (CPU, same seed), at the same step and in the same data order.
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import lightning as L
 import pytest
@@ -14,7 +13,7 @@ from minilm_sts.data.batching import PairBatches
 from minilm_sts.model.checkpoint import LEGACY_RECORD_KEY, read_run_record
 from minilm_sts.training.callbacks.run_record import RunRecord
 
-from helpers import attached, rewrite_in_the_previous_format, run
+from helpers import TESTS, attached, rewrite_in_the_previous_format, run
 
 
 class Crash(Exception):
@@ -198,7 +197,7 @@ run({model!r}, pair_files, {root!r}, callbacks=[SigkillAtStep()])
 
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tiny_model_dir, pair_files, tmp_path):
     full, full_trainer = run(tiny_model_dir, pair_files, tmp_path / "full")
-    script = KILLED_RUN.format(tests=str(Path(__file__).parent), train=str(pair_files["train"]),
+    script = KILLED_RUN.format(tests=str(TESTS), train=str(pair_files["train"]),
                                val=str(pair_files["val"]), model=str(tiny_model_dir), root=str(tmp_path / "part"))
     killed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
