@@ -147,12 +147,14 @@ class SentenceEncoderTraining(L.LightningModule):
         attached already.
 
         Lightning calls this as the trainer takes the module, before the data module's `setup`: so this is also
-        where a PairDataModule is told how to tokenize (`tokenize_with`), unless it was told already."""
+        where a PairDataModule is told how to tokenize (`tokenize_with`): with this module's tokenizer and max
+        length unless it was given its own, and always with the sets this module's losses want in-batch
+        negatives for."""
         data = self.trainer.datamodule
-        if isinstance(data, PairDataModule) and data.tokenizer is None:
+        if isinstance(data, PairDataModule):
             train_sets = list(data.sources["train"])
             losses = self.losses_for(train_sets) if train_sets else {}
-            data.tokenize_with(self.tokenizer, self.max_seq_length,
+            data.tokenize_with(data.tokenizer or self.tokenizer, data.max_seq_length or self.max_seq_length,
                                [name for name, loss in losses.items() if LOSSES[loss].in_batch_negatives])
         return [callback for callback in self._callbacks if callback not in self.trainer.callbacks]
 

@@ -5,6 +5,7 @@ stop a run before training."""
 import logging
 
 import lightning as L
+import numpy as np
 import pytest
 
 from minilm_sts.data.pair_data_module import PairDataModule
@@ -83,3 +84,30 @@ def test_a_retrieval_set_without_a_duplicate_stops_the_run_before_training(tiny_
                        match=r"val.tsv: cannot score it as duplicate retrieval: no pair is labelled >= 1"):
         trainer.fit(model, data)
     assert trainer.global_step == 0
+
+
+def test_set_up_by_hand_it_asks_for_its_tokenizer_then_works(tiny_model_dir, pair_files):
+    from transformers import AutoTokenizer
+
+    data = PairDataModule(str(pair_files["train"]), str(pair_files["val"]), None, batch_size=8, forgetting_guard=False)
+    with pytest.raises(UserInputError, match=r"call data\.tokenize_with\(model\.tokenizer, model\.max_seq_length\)"):
+        data.setup("fit")
+    data.tokenize_with(AutoTokenizer.from_pretrained(str(tiny_model_dir)), 16)
+    data.setup("fit")
+    pairs = data.datasets["train"]["train"].pairs
+    assert len(pairs) == 40 and np.diff(pairs.offsets).max() <= 16  # the max length given, 16 tokens
+    batch = next(iter(data.val_dataloader()))
+    assert batch["lengths"].max() <= 16 and len(batch["labels"]) == 8
+
+
+def test_a_fit_tells_the_data_the_models_in_batch_negative_sets(tiny_model_dir, tmp_path):
+    """Given its own tokenizer by hand, the data still learns from the model which sets train with mnrl."""
+    from transformers import AutoTokenizer
+
+    train, _ = duplicates_file(tmp_path / "dups.tsv")
+    data = PairDataModule(str(train), str(train), None, batch_size=4, forgetting_guard=False)
+    data.tokenize_with(AutoTokenizer.from_pretrained(str(tiny_model_dir)), 128)
+    model = SentenceEncoderTraining(pretrained=str(tiny_model_dir), loss="mnrl")
+    L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              num_sanity_val_steps=0, limit_val_batches=0).fit(model, data)
+    assert data.in_batch_negatives == {"dups"}
