@@ -25,8 +25,10 @@ def installed(tmp_path_factory):
     source, target = tmp_path_factory.mktemp("source") / "minilm_sts", tmp_path_factory.mktemp("site")
     # A copy of what a clone holds, so that the build's own folders stay out of the checkout.
     shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", "runs", "build", "*.egg-info", "__pycache__"))
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--target", str(target), str(source)], check=True, capture_output=True, text=True)
+    # The build gets an isolated environment, as a user's pip install does, so setuptools sees none of the plugins
+    # (entry points) that this environment's packages register: one of them broke the build under .ci/lowest.
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target),
+                    str(source)], check=True, capture_output=True, text=True)
     return target
 
 
