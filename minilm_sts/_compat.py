@@ -56,6 +56,22 @@ def step_loss(trainer, outputs) -> torch.Tensor:
     return outputs["loss"] * trainer.accumulate_grad_batches
 
 
+def is_logging_step(trainer) -> bool:
+    """Whether the training step under way is one whose logged values reach the loggers: every
+    `log_every_n_steps`-th. Values read back from the device only then keep the other steps free of host syncs.
+
+    Relies on the logger connector's `should_update_logs`, which Lightning checks after each training step."""
+    return trainer._logger_connector.should_update_logs
+
+
+def loss_scale(scaler) -> torch.Tensor | None:
+    """GradScaler's current scale as the tensor it keeps on the device (None before its first step), so that a
+    change can be noticed without reading it back as `get_scale()` does.
+
+    Relies on GradScaler's private `_scale`."""
+    return scaler._scale
+
+
 def receive_set_epoch(batch_sampler) -> None:
     """Make Lightning's per-epoch `set_epoch(epoch)` call reach `batch_sampler` itself.
 

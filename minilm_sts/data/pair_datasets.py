@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from minilm_sts.data.token_cache import TokenizedPairs
+from minilm_sts.model.bert import PackedLayout
 
 
 class PairDataset(Dataset):
@@ -28,13 +29,16 @@ class PairDataset(Dataset):
 
     def collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
         """Sentence A of each pair, then sentence B of each, packed end to end with no padding: one encoder call
-        embeds both columns, and `lengths` says where each sentence ends."""
+        embeds both columns, `lengths` says where each sentence ends, and `layout` is the encoder's bookkeeping
+        for them (a PackedLayout), made here in the loader so that the training step never waits on it."""
         pair_rows = self.rows[indices]
         rows = [2 * int(i) for i in pair_rows] + [2 * int(i) + 1 for i in pair_rows]
         sentences = [self.pairs.sentence(k) for k in rows]
+        lengths = torch.tensor([len(s) for s in sentences])
         return {
             "input_ids": torch.from_numpy(np.concatenate(sentences).astype(np.int64)),
-            "lengths": torch.tensor([len(s) for s in sentences]),
+            "lengths": lengths,
+            "layout": PackedLayout(lengths),
             "labels": torch.from_numpy(np.asarray(self.pairs.labels[pair_rows], dtype=np.float32)),
             "indices": torch.tensor(indices),
         }

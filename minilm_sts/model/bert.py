@@ -15,6 +15,7 @@ Over 300 lines because the model reads best whole, leaf to root, as Hugging Face
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -103,8 +104,8 @@ class PackedLayout:
     """
 
     def __init__(self, lengths: torch.Tensor, group_size: int = 16):
-        # The bookkeeping is many tiny steps that read sizes back: on a GPU each would wait for the device, so
-        # it runs on the CPU and only its results move over.
+        # The bookkeeping is many tiny steps that read sizes back: on a GPU each would wait for the device, so it
+        # runs on the CPU. The training loader builds it there, in its workers, and `to` moves only the results.
         device, lengths = lengths.device, lengths.cpu()
         self.lengths = lengths
         order = torch.argsort(lengths, stable=True)
@@ -123,7 +124,7 @@ class PackedLayout:
             padding = None if int(group_lengths[0]) == width else self._padding(group_lengths, begin, width)
             self.groups.append((begin, len(group_lengths), width, padding))
         if device.type != "cpu":
-            self._move_to(device)
+            self._apply_in_place(lambda x: x.to(device, non_blocking=True))
 
     def _padding(self, group_lengths: torch.Tensor, begin: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Where each of the group's rows goes in its padded (count * width) block, and the block's key mask."""
@@ -132,12 +133,21 @@ class PackedLayout:
         mask = (torch.arange(width) < group_lengths[:, None])[:, None, None, :]
         return slots, mask
 
-    def _move_to(self, device: torch.device) -> None:
+    def to(self, device: torch.device | str, non_blocking: bool = True) -> "PackedLayout":
+        """A copy on `device`, as Lightning moves a batch: the sizes it knows on the host stay there. Copies are
+        asynchronous by default, since the loader pins the batch (`pin_memory`)."""
+        return copy.copy(self)._apply_in_place(lambda x: x.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> "PackedLayout":
+        """A copy in page-locked memory, as a DataLoader with `pin_memory=True` asks of each batch."""
+        return copy.copy(self)._apply_in_place(torch.Tensor.pin_memory)
+
+    def _apply_in_place(self, move) -> "PackedLayout":
         self.lengths, self.sentence, self.positions, self.token_order = (
-            x.to(device, non_blocking=True) for x in (self.lengths, self.sentence, self.positions, self.token_order))
-        self.groups = [(begin, count, width,
-                        None if padding is None else tuple(x.to(device, non_blocking=True) for x in padding))
+            move(x) for x in (self.lengths, self.sentence, self.positions, self.token_order))
+        self.groups = [(begin, count, width, None if padding is None else tuple(move(x) for x in padding))
                        for begin, count, width, padding in self.groups]
+        return self
 
     def arrange(self, input_ids: torch.Tensor) -> torch.Tensor:
         return input_ids[self.token_order]

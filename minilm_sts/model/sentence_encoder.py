@@ -93,11 +93,13 @@ class SentenceEncoder(nn.Module):
 
     # ----- embedding -------------------------------------------------------------------------------------------
 
-    def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor,
+                layout: Optional[PackedLayout] = None) -> torch.Tensor:
         """Mean-pooled, unnormalised sentence embeddings (the cosine loss is scale-invariant) of packed sentences:
-        `input_ids` holds their token ids end to end, `lengths` how many belong to each."""
+        `input_ids` holds their token ids end to end, `lengths` how many belong to each. `layout`, the
+        PackedLayout of `lengths` if the caller made it already, saves making it here from sizes read back."""
         if not self.use_compile:
-            return self.bert.sentence_embeddings(input_ids, PackedLayout(lengths))
+            return self.bert.sentence_embeddings(input_ids, layout or PackedLayout(lengths))
         ids, mask = padded_from_packed(input_ids, lengths, COMPILED_WIDTH_MULTIPLE)
         if ids.is_cuda:
             torch.compiler.cudagraph_mark_step_begin()  # earlier calls' outputs are consumed by now
@@ -144,7 +146,8 @@ class SentenceEncoder(nn.Module):
         def embed(chunk: torch.Tensor) -> torch.Tensor:
             with torch.inference_mode(), torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_on):
                 input_ids = torch.cat([ids[offsets[i] : offsets[i] + lengths[i]] for i in chunk.tolist()])
-                embeddings = self(input_ids.to(self.device), lengths[chunk].to(self.device)).float()
+                layout = None if self.use_compile else PackedLayout(lengths[chunk]).to(self.device)
+                embeddings = self(input_ids.to(self.device), lengths[chunk].to(self.device), layout).float()
                 return (F.normalize(embeddings, p=2, dim=1) if normalize else embeddings).cpu()
 
         results = self._map_batches(embed, batches)

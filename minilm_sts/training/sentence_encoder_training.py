@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 
-from minilm_sts._compat import optimizer_unscales_in_step
+from minilm_sts._compat import is_logging_step, optimizer_unscales_in_step
 from minilm_sts.data.pair_data_module import PairDataModule
 from minilm_sts.errors import UserInputError
 from minilm_sts.evaluation.pair_scores import ScoredSet
@@ -20,9 +20,10 @@ from minilm_sts.model.checkpoint import TOKENIZER_CHECKPOINT_KEY, upgrade_state_
 from minilm_sts.model.pretrained import DEFAULT_MODEL
 from minilm_sts.model.sentence_encoder import SentenceEncoder
 from minilm_sts.model.tokenization import tokenizer_files, tokenizer_from_files
-from minilm_sts.training.callbacks.checkpoints import NonFiniteLoss, NonFiniteLossCheckpoint
 from minilm_sts.training.callbacks.evaluation import SplitEvaluation, ValidateBeforeTraining
 from minilm_sts.training.callbacks.mixed_precision import SkippedStepCounter
+from minilm_sts.training.callbacks.non_finite import NonFiniteLossGuard
+from minilm_sts.training.callbacks.progress import loss_showing_bars
 from minilm_sts.training.callbacks.resume import RandomStreamOnResume
 from minilm_sts.training.callbacks.run_record import RunRecord
 from minilm_sts.training.host_memory import reuse_freed_host_memory
@@ -86,9 +87,11 @@ class SentenceEncoderTraining(L.LightningModule):
             bert = BertModel(BertConfig.from_dict(encoder_config))
             self.sentence_encoder = SentenceEncoder(bert, None, max_seq_length, compile, pretrained)
         self.latest_evaluation: dict[str, dict[str, ScoredSet]] = {}
+        self._latest_set_loss: dict[str, torch.Tensor] = {}  # each training set's last loss, on the device
         # Made once, so that a test after a fit in the same trainer adds to the same run record.
+        self._non_finite = NonFiniteLossGuard()
         self._callbacks = [SplitEvaluation(), RunRecord(), ValidateBeforeTraining(), RandomStreamOnResume(),
-                           NonFiniteLossCheckpoint(), SkippedStepCounter()]
+                           self._non_finite, SkippedStepCounter()]
 
     # ----- tokenizer and inference -----------------------------------------------------------------------------
 
@@ -138,13 +141,13 @@ class SentenceEncoderTraining(L.LightningModule):
     # ----- steps -----------------------------------------------------------------------------------------------
 
     def _pair_embeddings(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        return self(batch["input_ids"], batch["lengths"]).chunk(2)
+        return self.sentence_encoder(batch["input_ids"], batch["lengths"], batch.get("layout")).chunk(2)
 
     def configure_callbacks(self) -> list[L.Callback]:
         """What every run of this module has, from the command line or plain Lightning: whole-split evaluation,
-        the run record for the model card, the random stream on resume, a checkpoint on a non-finite loss and
-        the count of fp16 steps skipped. A later stage of the same trainer (a test after a fit) finds them
-        attached already.
+        the run record for the model card, the random stream on resume, the non-finite loss guard, the count of
+        fp16 steps skipped, and in place of Lightning's own progress bar one that shows the loss without a wait.
+        A later stage of the same trainer (a test after a fit) finds them attached already.
 
         Lightning calls this as the trainer takes the module, before the data module's `setup`: so this is also
         where a PairDataModule is told how to tokenize (`tokenize_with`): with this module's tokenizer and max
@@ -156,7 +159,8 @@ class SentenceEncoderTraining(L.LightningModule):
             losses = self.losses_for(train_sets) if train_sets else {}
             data.tokenize_with(data.tokenizer or self.tokenizer, data.max_seq_length or self.max_seq_length,
                                [name for name, loss in losses.items() if LOSSES[loss].in_batch_negatives])
-        return [callback for callback in self._callbacks if callback not in self.trainer.callbacks]
+        own = [callback for callback in self._callbacks if callback not in self.trainer.callbacks]
+        return own + loss_showing_bars(self.trainer)
 
     def on_fit_start(self) -> None:
         if self.device.type == "cpu":  # on a GPU the gradients live in device memory, which torch caches itself
@@ -167,15 +171,20 @@ class SentenceEncoderTraining(L.LightningModule):
                            "the seed recipe (docs/benchmarks.md)")
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        """The loss of one batch. Nothing here reads a value back from the device, which would make the host wait
+        for the step to finish before it queues the next: the non-finite check stays on the device, and values
+        are logged only at logging steps, where the loggers read them anyway."""
         u, v = self._pair_embeddings(batch)
         per_set = None not in self._losses
         loss = self._losses[batch["train_set"] if per_set else None](u, v, batch["labels"])
-        if not torch.isfinite(loss):  # stop rather than train on garbage; NonFiniteLossCheckpoint saves the state
-            raise NonFiniteLoss(loss.item(), self.global_step, self.current_epoch, batch_idx)
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(u))
-        if per_set:  # losses of different kinds have different scales: each set's own curve says more
-            self.log(f"train/{batch['train_set']}/loss", loss, batch_size=len(u))
-        self.log("train/lr", self.lr_schedulers().get_last_lr()[0], batch_size=len(u))
+        self._non_finite.record(loss, self.global_step, self.current_epoch, batch_idx)
+        if per_set:  # kept on the device, so that a logging step shows every set, not only the one it drew
+            self._latest_set_loss[batch["train_set"]] = loss.detach()
+        if is_logging_step(self.trainer):
+            self.log("train/loss", loss, batch_size=len(u))
+            for name, set_loss in self._latest_set_loss.items():  # kinds of loss differ in scale: one curve each
+                self.log(f"train/{name}/loss", set_loss, batch_size=len(u))
+            self.log("train/lr", self.lr_schedulers().get_last_lr()[0], batch_size=len(u))
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
@@ -210,6 +219,7 @@ class SentenceEncoderTraining(L.LightningModule):
         if scaler is not None and optimizer_unscales_in_step(optimizer):
             scaler.unscale_(optimizer)
         norm = torch.nn.utils.clip_grad_norm_(self.parameters(), self.hparams.max_grad_norm)
-        self.log("train/grad_norm", norm, batch_size=1)
+        if is_logging_step(self.trainer):
+            self.log("train/grad_norm", norm, batch_size=1)
 
 

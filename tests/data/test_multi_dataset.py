@@ -95,8 +95,9 @@ def test_each_training_set_trains_with_its_own_loss(tiny_model_dir, pair_files, 
     model._losses = {name: recording(name, loss) for name, loss in model._losses.items()}
     data = PairDataModule({"dups": str(dups), "graded": str(pair_files["train"])}, str(pair_files["val"]), None,
                           batch_size=8, forgetting_guard=False)
+    # Logging every 2nd of round-robin steps: each logging step draws the same set, yet both sets' curves appear.
     trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        num_sanity_val_steps=0)
+                        num_sanity_val_steps=0, log_every_n_steps=2)
     trainer.fit(model, data)
 
     positives = sum(label >= 0.5 for label in graded.labels)

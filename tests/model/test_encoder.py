@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import move_data_to_device
 from safetensors.torch import load_file, save_file
 
 from minilm_sts.model import cpu_kernels as encoder_module
@@ -99,8 +100,10 @@ def test_packed_groups_of_equal_length_skip_padding_and_match_padded(tiny_model_
     packed = encoder.sentence_embeddings(ids[mask.bool()], layout)
     padded = encoder.sentence_embeddings(ids * mask, PaddedLayout(mask))
     assert torch.allclose(packed, padded, atol=1e-5)
-    layout._move_to(torch.device("cpu"))  # what a GPU batch's layout does after its CPU bookkeeping
-    assert torch.equal(encoder.sentence_embeddings(ids[mask.bool()], layout), packed)
+    # What Lightning does to a batch's layout: a moved copy (to the same CPU here), the original untouched.
+    moved = move_data_to_device({"layout": layout}, torch.device("cpu"))["layout"]
+    assert isinstance(moved, PackedLayout) and moved is not layout and moved.groups == layout.groups
+    assert torch.equal(encoder.sentence_embeddings(ids[mask.bool()], moved), packed)
 
 
 def test_inference_linear_takes_onednn_and_matches_the_autograd_path(tiny_model_dir):

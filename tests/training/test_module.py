@@ -85,8 +85,8 @@ def test_fp16_skipped_steps_are_counted(tiny_model_dir, pair_files, tmp_path):
     model = SentenceEncoderTraining(pretrained=str(tiny_model_dir))
     data = PairDataModule(str(pair_files["train"]), str(pair_files["val"]), None, batch_size=8, forgetting_guard=False)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40)  # overflows fp16 gradients at first
-    trainer = L.Trainer(max_steps=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        num_sanity_val_steps=0, limit_val_batches=0,
+    trainer = L.Trainer(max_steps=4, log_every_n_steps=2, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, num_sanity_val_steps=0, limit_val_batches=0,
                         plugins=[MixedPrecision("16-mixed", "cpu", scaler)])
     trainer.fit(model, data)
     skipped = attached(trainer, SkippedStepCounter).skipped

@@ -1,6 +1,6 @@
 """The callbacks every SentenceEncoderTraining brings: whole-split evaluation with the metrics that fit each set, the
-run record, the validation before training that the forgetting guard asks for, and the checkpoint on a non-finite
-loss. (Resume, with the random stream, is in test_resume.py.)"""
+run record, the validation before training that the forgetting guard asks for, and the guard against a
+non-finite loss. (Resume, with the random stream, is in test_resume.py.)"""
 
 import csv
 from pathlib import Path
@@ -108,16 +108,42 @@ def test_a_checkpoint_without_a_record_reads_as_an_empty_one():
     assert read_run_record({"state_dict": {}}) == {"datasets": {}, "log": [], "evaluation": {}}
 
 
-def test_non_finite_loss_stops_with_step_batch_and_checkpoint(tiny_model_dir, pair_files, tmp_path):
+def test_a_non_finite_loss_stops_the_run_at_the_next_logging_step_naming_the_first(tiny_model_dir, pair_files,
+                                                                                     tmp_path):
     model = SentenceEncoderTraining(pretrained=str(tiny_model_dir))
     with torch.no_grad():
         model.sentence_encoder.bert.encoder.layer[0].output.dense.weight[0, 0] = float("nan")
-    data = PairDataModule(str(pair_files["train"]), str(pair_files["val"]), None, batch_size=8, forgetting_guard=False)
-    trainer = L.Trainer(max_steps=3, logger=False, default_root_dir=tmp_path, enable_progress_bar=False,
-                        num_sanity_val_steps=0, enable_checkpointing=False)
-    with pytest.raises(FloatingPointError, match=r"loss is nan at step 0 \(epoch 0, batch 0\)") as err:
+    data = PairDataModule(str(pair_files["train"]), str(pair_files["val"]), None, batch_size=2, forgetting_guard=False)
+    trainer = L.Trainer(max_steps=10, log_every_n_steps=4, logger=False, default_root_dir=tmp_path,
+                        enable_progress_bar=False, num_sanity_val_steps=0, enable_checkpointing=False,
+                        limit_val_batches=0)
+    with pytest.raises(FloatingPointError, match=r"loss is nan at step 0 \(epoch 0, batch 0\); found at step 3"):
         trainer.fit(model, data)
-    assert (tmp_path / "non-finite-loss-step0.ckpt").is_file() and "non-finite-loss-step0.ckpt" in str(err.value)
+    assert trainer.global_step == 4  # the fourth step is a logging step: the guard read its flag there
+
+
+class PoisonWeightsAt(L.Callback):
+    """Makes the loss NaN from step `step` on, as an overflowing run would."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            with torch.no_grad():
+                pl_module.sentence_encoder.bert.encoder.layer[0].output.dense.weight[0, 0] = float("nan")
+
+
+def test_no_checkpoint_holds_weights_trained_on_a_non_finite_loss(tiny_model_dir, pair_files, tmp_path):
+    model = SentenceEncoderTraining(pretrained=str(tiny_model_dir))
+    data = PairDataModule(str(pair_files["train"]), str(pair_files["val"]), None, batch_size=2, forgetting_guard=False)
+    every_step = ModelCheckpoint(tmp_path, "{step}", every_n_train_steps=1, save_top_k=-1, save_last=True)
+    trainer = L.Trainer(max_steps=10, logger=False, enable_progress_bar=False, num_sanity_val_steps=0,
+                        limit_val_batches=0, callbacks=[every_step, PoisonWeightsAt(3)])
+    with pytest.raises(FloatingPointError, match=r"loss is nan at step 3 .*No checkpoint holds weights trained on"):
+        trainer.fit(model, data)
+    assert sorted(path.name for path in tmp_path.glob("step=*.ckpt")) == ["step=1.ckpt", "step=2.ckpt", "step=3.ckpt"]
+    assert torch.load(tmp_path / "last.ckpt", weights_only=False)["global_step"] == 3
 
 
 def guarded_fit(model_dir, pair_files, root, forgetting_guard=True):

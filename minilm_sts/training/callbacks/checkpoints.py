@@ -1,5 +1,4 @@
-"""Checkpoints beside the ranked ones: `last.ckpt` on a schedule, and the emergency saves (on SIGTERM, and on a
-non-finite loss)."""
+"""Checkpoints beside the ranked ones: `last.ckpt` on a schedule, and the emergency save on SIGTERM."""
 
 from __future__ import annotations
 
@@ -43,27 +42,3 @@ class SaveOnTerminate(L.Callback):
         if isinstance(exception, SIGTERMException):
             path = save_emergency_checkpoint(trainer, "last.ckpt")
             rank_zero_info(f"SIGTERM: saved {path} at step {trainer.global_step}; resume with --ckpt_path last")
-
-
-class NonFiniteLoss(FloatingPointError):
-    """The training loss is NaN or infinite: the run stops instead of training on garbage. It names the step,
-    epoch and batch, and the checkpoint that `NonFiniteLossCheckpoint` saved, once it has."""
-
-    def __init__(self, loss: float, step: int, epoch: int, batch_idx: int):
-        super().__init__(loss, step, epoch, batch_idx)
-        self.loss, self.step, self.epoch, self.batch_idx = loss, step, epoch, batch_idx
-        self.checkpoint = None
-
-    def __str__(self) -> str:
-        saved = f" The weights before this step are saved in {self.checkpoint}." if self.checkpoint else ""
-        return (f"the training loss is {self.loss} at step {self.step} (epoch {self.epoch}, batch {self.batch_idx}); "
-                f"the run stops here.{saved} Under fp16, try bf16-mixed or 32-true, or a lower learning rate.")
-
-
-class NonFiniteLossCheckpoint(L.Callback):
-    """When training stops on a `NonFiniteLoss`, saves the state (the weights from before that step) as
-    `non-finite-loss-step<N>.ckpt` beside the regular checkpoints, and names it in the error."""
-
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        if isinstance(exception, NonFiniteLoss):
-            exception.checkpoint = save_emergency_checkpoint(trainer, f"non-finite-loss-step{exception.step}.ckpt")
