@@ -56,6 +56,14 @@ def step_loss(trainer, outputs) -> torch.Tensor:
     return outputs["loss"] * trainer.accumulate_grad_batches
 
 
+def no_silent_recompile_fallback():
+    """A context in which a compiled function recompiled beyond torch's limit (`recompile_limit` shapes) raises,
+    instead of running eagerly from then on with only a log line to say so.
+
+    Relies on `torch._dynamo.config.fail_on_recompile_limit_hit` and the config's `patch`."""
+    return torch._dynamo.config.patch(fail_on_recompile_limit_hit=True)
+
+
 def is_logging_step(trainer) -> bool:
     """Whether the training step under way is one whose logged values reach the loggers: every
     `log_every_n_steps`-th. Values read back from the device only then keep the other steps free of host syncs.

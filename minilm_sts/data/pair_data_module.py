@@ -6,9 +6,10 @@ batching.py."""
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
-from typing import Iterable, Literal, Optional, Union
+from typing import Callable, Iterable, Literal, Optional, Union
 
 import lightning as L
 import numpy as np
@@ -24,6 +25,7 @@ from minilm_sts.data.sources import FileSource, builtin_path, parse_source
 from minilm_sts.data.token_cache import TokenizedPairs, load_tokenized
 from minilm_sts.errors import PairDataError
 from minilm_sts.evaluation.retrieval import DuplicateRetrieval
+from minilm_sts.model.bert import PackedLayout
 
 
 def source_name(source: str) -> str:
@@ -110,6 +112,7 @@ class PairDataModule(L.LightningDataModule):
         self.tokenizer = None
         self.max_seq_length: Optional[int] = None
         self.in_batch_negatives: frozenset[str] = frozenset()  # training sets whose loss wants them, from the model
+        self.batch_layout: Callable = PackedLayout  # from the model too
         self.sources = {split: named_sources(getattr(self.hparams, f"{split}_path")) for split in SPLITS}
         self.guard = GUARD_NAME if forgetting_guard and _guard_applies(self.sources) else None
         if self.guard:
@@ -126,14 +129,16 @@ class PairDataModule(L.LightningDataModule):
         self._train_batches: Optional[PairBatches] = None
         self._batches_state: Optional[dict] = None  # from a checkpoint, for the next train loader
 
-    def tokenize_with(self, tokenizer, max_seq_length: int, in_batch_negatives: Iterable[str] = ()) -> None:
+    def tokenize_with(self, tokenizer, max_seq_length: int, in_batch_negatives: Iterable[str] = (),
+                      batch_layout: Callable = PackedLayout) -> None:
         """Tokenize as the model that this data feeds: its tokenizer and max length (the model owns them, and
-        checkpoints carry them), and the training sets whose loss takes the batch's other rows as negatives (they
+        checkpoints carry them), the training sets whose loss takes the batch's other rows as negatives (they
         are reduced to their positive pairs, label > 0, and batched without a repeated sentence; by default no
-        set is). SentenceEncoderTraining calls this as a trainer takes both; set up by hand, call it before
-        `setup`."""
+        set is), and the encoder's `batch_layout`, which the loaders make for each batch. SentenceEncoderTraining
+        calls this as a trainer takes both; set up by hand, call it before `setup`."""
         self.tokenizer, self.max_seq_length = tokenizer, max_seq_length
         self.in_batch_negatives = frozenset(in_batch_negatives)
+        self.batch_layout = batch_layout
 
     def setup(self, stage: str) -> None:
         if self.tokenizer is None:
@@ -274,8 +279,15 @@ class PairDataModule(L.LightningDataModule):
         # Each loader gets its own generator: creating an iterator then never draws from the global RNG, so
         # dropout sees the same random stream with or without validation runs and across a resume.
         workers = self.hparams.num_workers
-        return loader_class(dataset, collate_fn=dataset.collate, num_workers=workers, persistent_workers=workers > 0,
-                            generator=torch.Generator().manual_seed(self.hparams.seed), **kwargs)
+        collate = functools.partial(dataset.collate, batch_layout=self.batch_layout)
+        return loader_class(dataset, collate_fn=collate, num_workers=workers, persistent_workers=workers > 0,
+                            pin_memory=self._on_cuda(), generator=torch.Generator().manual_seed(self.hparams.seed),
+                            **kwargs)
+
+    def _on_cuda(self) -> bool:
+        """Whether batches go to a GPU: then they are pinned, so that copying them there does not block."""
+        trainer = self.trainer
+        return trainer is not None and trainer.strategy.root_device.type == "cuda"
 
     def state_dict(self) -> dict:
         return {"train_batches": self._train_batches.state_dict()} if self._train_batches else {}

@@ -3,7 +3,7 @@ batches), several sets as one, and a loader whose batch plan resumes mid-epoch."
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -27,10 +27,10 @@ class PairDataset(Dataset):
     def __getitem__(self, index: int) -> int:
         return index
 
-    def collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
+    def collate(self, indices: list[int], batch_layout: Callable = PackedLayout) -> dict[str, torch.Tensor]:
         """Sentence A of each pair, then sentence B of each, packed end to end with no padding: one encoder call
         embeds both columns, `lengths` says where each sentence ends, and `layout` is the encoder's bookkeeping
-        for them (a PackedLayout), made here in the loader so that the training step never waits on it."""
+        for them (its `batch_layout`), made here in the loader so that the training step never waits on it."""
         pair_rows = self.rows[indices]
         rows = [2 * int(i) for i in pair_rows] + [2 * int(i) + 1 for i in pair_rows]
         sentences = [self.pairs.sentence(k) for k in rows]
@@ -38,7 +38,7 @@ class PairDataset(Dataset):
         return {
             "input_ids": torch.from_numpy(np.concatenate(sentences).astype(np.int64)),
             "lengths": lengths,
-            "layout": PackedLayout(lengths),
+            "layout": batch_layout(lengths),
             "labels": torch.from_numpy(np.asarray(self.pairs.labels[pair_rows], dtype=np.float32)),
             "indices": torch.tensor(indices),
         }
@@ -66,9 +66,9 @@ class ConcatPairs(Dataset):
     def __getitem__(self, index: int) -> int:
         return index
 
-    def collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
+    def collate(self, indices: list[int], batch_layout: Callable = PackedLayout) -> dict[str, torch.Tensor]:
         part = int(np.searchsorted(self.starts, indices[0], side="right")) - 1
-        batch = self.parts[part].collate([i - int(self.starts[part]) for i in indices])
+        batch = self.parts[part].collate([i - int(self.starts[part]) for i in indices], batch_layout)
         return {**batch, "train_set": self.names[part]}
 
 

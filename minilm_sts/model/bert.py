@@ -84,18 +84,47 @@ class PaddedLayout:
         return mean_pool(hidden, self.attention_mask)
 
 
-def padded_from_packed(input_ids: torch.Tensor, lengths: torch.Tensor, width_multiple: int = 1):
-    """Packed sentences as a right-padded (B, W) batch and its 0/1 mask, W the longest length rounded up to a
-    multiple of `width_multiple`."""
-    device, lengths = lengths.device, lengths.cpu()  # sizes are read back: on the CPU, as in PackedLayout
-    width = -(-int(lengths.max()) // width_multiple) * width_multiple
-    mask = torch.arange(width) < lengths[:, None]
-    slots = mask.flatten().nonzero().squeeze(1).to(device)  # row-major: each sentence fills its own row, in order
-    padded = input_ids.new_zeros(mask.numel()).index_copy_(0, slots, input_ids).view(mask.shape)
-    return padded, mask.long().to(device)
+class HostBuiltLayout:
+    """Bookkeeping about a batch's sentence lengths that reads sizes, so it is worked out on the host (in the
+    training loader's workers) and moved to the device with the batch, as Lightning moves a batch: then no
+    step on the device waits for a size to be read back."""
+
+    def _apply_in_place(self, move) -> "HostBuiltLayout":
+        raise NotImplementedError
+
+    def to(self, device: torch.device | str, non_blocking: bool = True) -> "HostBuiltLayout":
+        """A copy on `device`. Copies are asynchronous by default, since the loader pins the batch."""
+        return copy.copy(self)._apply_in_place(lambda x: x.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> "HostBuiltLayout":
+        """A copy in page-locked memory, as a DataLoader with `pin_memory=True` asks of each batch."""
+        return copy.copy(self)._apply_in_place(torch.Tensor.pin_memory)
 
 
-class PackedLayout:
+class PaddingPlan(HostBuiltLayout):
+    """Where packed sentences go in a right-padded (B, W) batch, W the longest length rounded up to a multiple
+    of `width_multiple` (few widths, so that compiled code sees few shapes)."""
+
+    def __init__(self, lengths: torch.Tensor, width_multiple: int = 1):
+        device, lengths = lengths.device, lengths.cpu()
+        width = -(-int(lengths.max()) // width_multiple) * width_multiple
+        mask = torch.arange(width) < lengths[:, None]
+        self.slots = mask.flatten().nonzero().squeeze(1)  # row-major: each sentence fills its own row, in order
+        self.attention_mask = mask.long()
+        if device.type != "cpu":
+            self._apply_in_place(lambda x: x.to(device, non_blocking=True))
+
+    def _apply_in_place(self, move) -> "PaddingPlan":
+        self.slots, self.attention_mask = move(self.slots), move(self.attention_mask)
+        return self
+
+    def pad(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The packed `input_ids` as a padded batch, and its 0/1 attention mask."""
+        flat = input_ids.new_zeros(self.attention_mask.numel()).index_copy_(0, self.slots, input_ids)
+        return flat.view(self.attention_mask.shape), self.attention_mask
+
+
+class PackedLayout(HostBuiltLayout):
     """Only real tokens: the input holds sentence i's `lengths[i]` token ids end to end.
 
     Inside the encoder the sentences are reordered shortest first, so that attention can take them in
@@ -132,15 +161,6 @@ class PackedLayout:
         slots = rank * width + self.positions[begin : begin + int(group_lengths.sum())]
         mask = (torch.arange(width) < group_lengths[:, None])[:, None, None, :]
         return slots, mask
-
-    def to(self, device: torch.device | str, non_blocking: bool = True) -> "PackedLayout":
-        """A copy on `device`, as Lightning moves a batch: the sizes it knows on the host stay there. Copies are
-        asynchronous by default, since the loader pins the batch (`pin_memory`)."""
-        return copy.copy(self)._apply_in_place(lambda x: x.to(device, non_blocking=non_blocking))
-
-    def pin_memory(self) -> "PackedLayout":
-        """A copy in page-locked memory, as a DataLoader with `pin_memory=True` asks of each batch."""
-        return copy.copy(self)._apply_in_place(torch.Tensor.pin_memory)
 
     def _apply_in_place(self, move) -> "PackedLayout":
         self.lengths, self.sentence, self.positions, self.token_order = (

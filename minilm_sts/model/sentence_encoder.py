@@ -7,7 +7,10 @@ and a plain BertModel checkpoint at the root.
 
 from __future__ import annotations
 
+import functools
 import json
+import sys
+import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,8 +22,9 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
+from minilm_sts._compat import no_silent_recompile_fallback
 from minilm_sts.errors import UserInputError
-from minilm_sts.model.bert import BertConfig, BertModel, PackedLayout, PaddedLayout, padded_from_packed
+from minilm_sts.model.bert import BertConfig, BertModel, HostBuiltLayout, PackedLayout, PaddedLayout, PaddingPlan
 from minilm_sts.model.pretrained import resolve_pretrained
 from minilm_sts.model.tokenization import load_tokenizer, tokenize_texts
 from minilm_sts.version import __version__
@@ -93,27 +97,50 @@ class SentenceEncoder(nn.Module):
 
     # ----- embedding -------------------------------------------------------------------------------------------
 
+    @property
+    def batch_layout(self):
+        """What makes a batch's layout from its lengths, for this path: a PackedLayout, or under `compile` a
+        PaddingPlan to a width multiple of 16. A picklable callable, so a loader's workers can make it."""
+        return functools.partial(PaddingPlan, width_multiple=COMPILED_WIDTH_MULTIPLE) if self.use_compile \
+            else PackedLayout
+
     def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor,
-                layout: Optional[PackedLayout] = None) -> torch.Tensor:
+                layout: Optional[HostBuiltLayout] = None) -> torch.Tensor:
         """Mean-pooled, unnormalised sentence embeddings (the cosine loss is scale-invariant) of packed sentences:
         `input_ids` holds their token ids end to end, `lengths` how many belong to each. `layout`, the
-        PackedLayout of `lengths` if the caller made it already, saves making it here from sizes read back."""
+        `batch_layout` of `lengths` if the caller made it already (on the host), saves making it here from
+        sizes read back from the device."""
+        wanted = PaddingPlan if self.use_compile else PackedLayout
+        if not isinstance(layout, wanted):
+            layout = self.batch_layout(lengths)
         if not self.use_compile:
-            return self.bert.sentence_embeddings(input_ids, layout or PackedLayout(lengths))
-        ids, mask = padded_from_packed(input_ids, lengths, COMPILED_WIDTH_MULTIPLE)
+            return self.bert.sentence_embeddings(input_ids, layout)
+        ids, mask = layout.pad(input_ids)
         if ids.is_cuda:
             torch.compiler.cudagraph_mark_step_begin()  # earlier calls' outputs are consumed by now
-        return self._compiled(ids.device)(ids, mask)
+        return self._compiled(ids, mask)
 
-    def _compiled(self, device: torch.device):
-        if self._compiled_embeddings is None:
+    def _compiled(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The compiled padded path. A graph break or a recompile beyond torch's limit raises instead of falling
+        back to eager code in silence. The first call, which compiles, says how long it took."""
+        first = self._compiled_embeddings is None
+        if first:
             # On a GPU a step of this small model is mostly kernel launches: CUDA graphs replay them at once.
-            mode = "reduce-overhead" if device.type == "cuda" else "default"
-            if device.type == "cpu":
+            mode = "reduce-overhead" if ids.is_cuda else "default"
+            if not ids.is_cuda:
                 warnings.warn("compile=True on a CPU trains slower than the default packed path (docs/benchmarks.md): "
-                              "it pads batches and spends a minute compiling; it is meant for GPUs", stacklevel=2)
-            self._compiled_embeddings = torch.compile(self._padded_embeddings, mode=mode)
-        return self._compiled_embeddings
+                              "it pads batches and spends a minute compiling; it is meant for GPUs", stacklevel=3)
+            self._compiled_embeddings = torch.compile(self._padded_embeddings, mode=mode, fullgraph=True)
+            started = time.perf_counter()
+        with no_silent_recompile_fallback():
+            embeddings = self._compiled_embeddings(ids, mask)
+        if first:  # a wait for the device, once: the figure says what start-up cost
+            if ids.is_cuda:
+                torch.cuda.synchronize(ids.device)
+            print(f"torch.compile: the first batch took {time.perf_counter() - started:.1f} s, compilation included "
+                  "(its backward and each new width or batch size compile as they come; torch keeps compiled "
+                  "code in its cache, TORCHINDUCTOR_CACHE_DIR, so a later run starts faster)", file=sys.stderr)
+        return embeddings
 
     def _padded_embeddings(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.bert.sentence_embeddings(input_ids, PaddedLayout(attention_mask))
@@ -146,7 +173,7 @@ class SentenceEncoder(nn.Module):
         def embed(chunk: torch.Tensor) -> torch.Tensor:
             with torch.inference_mode(), torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_on):
                 input_ids = torch.cat([ids[offsets[i] : offsets[i] + lengths[i]] for i in chunk.tolist()])
-                layout = None if self.use_compile else PackedLayout(lengths[chunk]).to(self.device)
+                layout = self.batch_layout(lengths[chunk]).to(self.device)
                 embeddings = self(input_ids.to(self.device), lengths[chunk].to(self.device), layout).float()
                 return (F.normalize(embeddings, p=2, dim=1) if normalize else embeddings).cpu()
 

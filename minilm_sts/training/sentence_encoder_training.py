@@ -9,7 +9,6 @@ from typing import Literal, Optional, Union
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_warn
 
 from minilm_sts._compat import is_logging_step, optimizer_unscales_in_step
 from minilm_sts.data.pair_data_module import PairDataModule
@@ -48,7 +47,9 @@ class SentenceEncoderTraining(L.LightningModule):
         scheduler: "linear" decays to 0 at the last step after warmup; "constant" holds after warmup.
         max_grad_norm: clip the global gradient L2 norm to this (0 disables).
         fused_optimizer: use torch's fused AdamW kernel.
-        compile: run the BERT through `torch.compile` on a padded path (see SentenceEncoder); for GPUs.
+        compile: run the BERT through `torch.compile` on a padded path (see SentenceEncoder). By default (None)
+            it does on a GPU, where it trains 3x faster than the eager path (docs/benchmarks.md), and not on a
+            CPU, where the packed eager path is faster.
         loss: the training loss, a name in `minilm_sts.training.losses.LOSSES`: cosine_mse, cosent, angle or mnrl; or a
             mapping training set name: loss name, so that each set trains with its own (as sentence-transformers'
             Trainer takes a dict of losses), e.g. {"quora": "mnrl", "stsb": "cosent"}.
@@ -70,7 +71,7 @@ class SentenceEncoderTraining(L.LightningModule):
         scheduler: Literal["linear", "constant"] = "linear",
         max_grad_norm: float = 1.0,
         fused_optimizer: bool = True,
-        compile: bool = False,
+        compile: Optional[bool] = None,
         loss: Union[str, dict[str, str]] = "cosine_mse",
         loss_params: Optional[dict] = None,
         encoder_config: Optional[dict] = None,
@@ -81,11 +82,11 @@ class SentenceEncoderTraining(L.LightningModule):
         self._losses = build_losses(loss, loss_params)  # a bad name or parameter stops here, before any training
         self.save_hyperparameters()
         if encoder_config is None:
-            self.sentence_encoder = SentenceEncoder.from_pretrained(pretrained, max_seq_length, compile)
+            self.sentence_encoder = SentenceEncoder.from_pretrained(pretrained, max_seq_length, bool(compile))
             self.hparams.encoder_config = self.sentence_encoder.bert.config.to_dict()
         else:  # from a checkpoint, which also holds the weights and the tokenizer
             bert = BertModel(BertConfig.from_dict(encoder_config))
-            self.sentence_encoder = SentenceEncoder(bert, None, max_seq_length, compile, pretrained)
+            self.sentence_encoder = SentenceEncoder(bert, None, max_seq_length, bool(compile), pretrained)
         self.latest_evaluation: dict[str, dict[str, ScoredSet]] = {}
         self._latest_set_loss: dict[str, torch.Tensor] = {}  # each training set's last loss, on the device
         # Made once, so that a test after a fit in the same trainer adds to the same run record.
@@ -151,24 +152,23 @@ class SentenceEncoderTraining(L.LightningModule):
 
         Lightning calls this as the trainer takes the module, before the data module's `setup`: so this is also
         where a PairDataModule is told how to tokenize (`tokenize_with`): with this module's tokenizer and max
-        length unless it was given its own, and always with the sets this module's losses want in-batch
-        negatives for."""
+        length unless it was given its own, always with the sets this module's losses want in-batch
+        negatives for, and with the batch layout of the path chosen for the trainer's device."""
+        if self.hparams.compile is None:
+            self.sentence_encoder.use_compile = self.trainer.strategy.root_device.type == "cuda"
         data = self.trainer.datamodule
         if isinstance(data, PairDataModule):
             train_sets = list(data.sources["train"])
             losses = self.losses_for(train_sets) if train_sets else {}
             data.tokenize_with(data.tokenizer or self.tokenizer, data.max_seq_length or self.max_seq_length,
-                               [name for name, loss in losses.items() if LOSSES[loss].in_batch_negatives])
+                               [name for name, loss in losses.items() if LOSSES[loss].in_batch_negatives],
+                               self.sentence_encoder.batch_layout)
         own = [callback for callback in self._callbacks if callback not in self.trainer.callbacks]
         return own + loss_showing_bars(self.trainer)
 
     def on_fit_start(self) -> None:
         if self.device.type == "cpu":  # on a GPU the gradients live in device memory, which torch caches itself
             reuse_freed_host_memory()
-        elif self.device.type == "cuda" and not self.hparams.compile:
-            rank_zero_warn("on a GPU, --model.compile true (SentenceEncoderTraining(compile=True)) trains faster: 2.1x "
-                           "sentence-transformers' Trainer end to end against 0.7x without it, on an H200 with "
-                           "the seed recipe (docs/benchmarks.md)")
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         """The loss of one batch. Nothing here reads a value back from the device, which would make the host wait

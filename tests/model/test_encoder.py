@@ -7,7 +7,7 @@ from lightning.pytorch.utilities import move_data_to_device
 from safetensors.torch import load_file, save_file
 
 from minilm_sts.model import cpu_kernels as encoder_module
-from minilm_sts.model.bert import BertConfig, BertModel, PackedLayout, PaddedLayout, padded_from_packed
+from minilm_sts.model.bert import BertConfig, BertModel, PackedLayout, PaddedLayout, PaddingPlan
 from minilm_sts.model.cpu_kernels import Dropout
 from minilm_sts.model.pooling import mean_pool
 
@@ -126,13 +126,15 @@ def test_inference_linear_takes_onednn_and_matches_the_autograd_path(tiny_model_
             assert linear(x).dtype == torch.bfloat16
 
 
-def test_padded_from_packed_keeps_each_sentence_in_its_row_and_rounds_the_width_up():
+def test_a_padding_plan_keeps_each_sentence_in_its_row_rounds_the_width_up_and_moves_with_its_batch():
     ids, lengths = torch.tensor([7, 8, 9, 4, 5]), torch.tensor([3, 2])
-    padded, mask = padded_from_packed(ids, lengths, 4)
+    padded, mask = PaddingPlan(lengths, 4).pad(ids)
     assert padded.tolist() == [[7, 8, 9, 0], [4, 5, 0, 0]]
     assert mask.tolist() == [[1, 1, 1, 0], [1, 1, 0, 0]]
-    assert padded_from_packed(ids, lengths, 16)[0].shape == (2, 16)
-    assert padded_from_packed(ids, lengths)[0].shape == (2, 3)
+    assert PaddingPlan(lengths, 16).pad(ids)[0].shape == (2, 16)
+    assert PaddingPlan(lengths).pad(ids)[0].shape == (2, 3)
+    moved = PaddingPlan(lengths, 4).to("meta")  # as Lightning moves a batch; the host copy stays where it was
+    assert moved.slots.is_meta and moved.attention_mask.is_meta
 
 
 def test_cpu_dropout_keeps_each_value_with_probability_1_minus_p_and_rescales_it():

@@ -9,6 +9,7 @@ import torch
 
 from minilm_sts.data.pair_data_module import PairDataModule
 from minilm_sts.errors import UserInputError
+from minilm_sts.model.bert import PackedLayout, PaddingPlan
 from minilm_sts.training.callbacks.mixed_precision import SkippedStepCounter
 from minilm_sts.training.callbacks.run_record import RunRecord
 from minilm_sts.training.optimization import lr_multiplier
@@ -171,12 +172,20 @@ def test_the_loss_and_its_parameters_are_plain_saved_hyperparameters(tiny_model_
         per_set.losses_for(["a"])
 
 
-@pytest.mark.parametrize("compile", [False, True])
-def test_a_gpu_fit_without_compile_says_that_compiling_trains_faster(tiny_model_dir, monkeypatch, recwarn, compile):
-    # The logic a GPU run follows, on the CPU: only the device the module reports differs.
+@pytest.mark.parametrize("compile, device, compiles", [(None, "cuda", True), (None, "cpu", False),
+                                                       (False, "cuda", False), (True, "cpu", True)])
+def test_by_default_a_fit_compiles_on_a_gpu_only_and_its_data_batches_for_that_path(tiny_model_dir, pair_files,
+                                                                                   monkeypatch, compile, device,
+                                                                                   compiles):
+    # The choice a GPU run makes, on the CPU: only the device the trainer reports differs.
     model = SentenceEncoderTraining(pretrained=str(tiny_model_dir), compile=compile)
-    monkeypatch.setattr(SentenceEncoderTraining, "device", property(lambda self: torch.device("cuda")))
-    model.on_fit_start()
-    advice = [str(w.message) for w in recwarn if "--model.compile true" in str(w.message)]
-    assert len(advice) == (0 if compile else 1)
-    assert compile or "2.1x" in advice[0]
+    data = PairDataModule(str(pair_files["train"]), str(pair_files["val"]), forgetting_guard=False)
+    trainer = L.Trainer(accelerator="cpu", logger=False)
+    monkeypatch.setattr(type(trainer.strategy), "root_device", property(lambda self: torch.device(device)))
+    trainer.datamodule = data
+    model._trainer = trainer
+    model.configure_callbacks()
+    assert model.sentence_encoder.use_compile is compiles
+    layout = data.batch_layout(torch.tensor([3, 20]))
+    assert isinstance(layout, PaddingPlan if compiles else PackedLayout)
+    assert not compiles or layout.attention_mask.shape == (2, 32)  # widths rounded up to a multiple of 16
