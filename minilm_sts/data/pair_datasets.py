@@ -31,12 +31,15 @@ class PairDataset(Dataset):
         """Sentence A of each pair, then sentence B of each, packed end to end with no padding: one encoder call
         embeds both columns, `lengths` says where each sentence ends, and `layout` is the encoder's bookkeeping
         for them (its `batch_layout`), made here in the loader so that the training step never waits on it."""
-        pair_rows = self.rows[indices]
-        rows = [2 * int(i) for i in pair_rows] + [2 * int(i) + 1 for i in pair_rows]
-        sentences = [self.pairs.sentence(k) for k in rows]
-        lengths = torch.tensor([len(s) for s in sentences])
+        pair_rows = self.rows[indices].astype(np.int64)
+        rows = np.concatenate([2 * pair_rows, 2 * pair_rows + 1])
+        starts = self.pairs.offsets[rows].astype(np.int64)
+        sizes = self.pairs.offsets[rows + 1] - starts
+        # One gather for the whole batch: each token's place in `ids`, its sentence's start plus its position.
+        token_index = np.repeat(starts - (np.cumsum(sizes) - sizes), sizes) + np.arange(sizes.sum())
+        lengths = torch.from_numpy(sizes)
         return {
-            "input_ids": torch.from_numpy(np.concatenate(sentences).astype(np.int64)),
+            "input_ids": torch.from_numpy(self.pairs.ids[token_index].astype(np.int64)),
             "lengths": lengths,
             "layout": batch_layout(lengths),
             "labels": torch.from_numpy(np.asarray(self.pairs.labels[pair_rows], dtype=np.float32)),

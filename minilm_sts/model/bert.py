@@ -20,6 +20,7 @@ import json
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
@@ -134,33 +135,36 @@ class PackedLayout(HostBuiltLayout):
 
     def __init__(self, lengths: torch.Tensor, group_size: int = 16):
         # The bookkeeping is many tiny steps that read sizes back: on a GPU each would wait for the device, so it
-        # runs on the CPU. The training loader builds it there, in its workers, and `to` moves only the results.
-        device, lengths = lengths.device, lengths.cpu()
-        self.lengths = lengths
-        order = torch.argsort(lengths, stable=True)
-        sorted_lengths = lengths[order]
-        self.sentence = torch.repeat_interleave(order, sorted_lengths)  # each row's sentence, in encoder order
-        row_starts = torch.cumsum(sorted_lengths, 0) - sorted_lengths
-        rows = torch.arange(len(self.sentence))
-        self.positions = rows - torch.repeat_interleave(row_starts, sorted_lengths)
-        input_starts = torch.cumsum(lengths, 0) - lengths
-        self.token_order = input_starts[self.sentence] + self.positions  # encoder row -> input position
+        # runs on the host, in numpy, whose small-array steps cost far less than torch's. The training loader
+        # builds it there, in its workers, and `to` moves only the results.
+        device, self.lengths = lengths.device, lengths.cpu()
+        sizes = self.lengths.numpy()
+        order = np.argsort(sizes, kind="stable")
+        sorted_sizes = sizes[order]
+        sentence = np.repeat(order, sorted_sizes)  # each row's sentence, in encoder order
+        row_starts = np.cumsum(sorted_sizes) - sorted_sizes
+        positions = np.arange(len(sentence)) - np.repeat(row_starts, sorted_sizes)
+        input_starts = np.cumsum(sizes) - sizes
+        self.sentence, self.positions = torch.from_numpy(sentence), torch.from_numpy(positions)
+        self.token_order = torch.from_numpy(input_starts[sentence] + positions)  # encoder row -> input position
         self.groups = []
         for first in range(0, len(order), group_size):
-            group_lengths = sorted_lengths[first : first + group_size]
-            width, begin = int(group_lengths[-1]), int(row_starts[first])
+            group_sizes = sorted_sizes[first : first + group_size]
+            width, begin = int(group_sizes[-1]), int(row_starts[first])
             # Sorted, so a group whose shortest sentence is as long as its longest needs no padding or mask.
-            padding = None if int(group_lengths[0]) == width else self._padding(group_lengths, begin, width)
-            self.groups.append((begin, len(group_lengths), width, padding))
+            padding = None if group_sizes[0] == width else self._padding(group_sizes, positions, begin, width)
+            self.groups.append((begin, len(group_sizes), width, padding))
         if device.type != "cpu":
             self._apply_in_place(lambda x: x.to(device, non_blocking=True))
 
-    def _padding(self, group_lengths: torch.Tensor, begin: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    @staticmethod
+    def _padding(group_sizes: np.ndarray, positions: np.ndarray, begin: int,
+                 width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Where each of the group's rows goes in its padded (count * width) block, and the block's key mask."""
-        rank = torch.repeat_interleave(torch.arange(len(group_lengths)), group_lengths)
-        slots = rank * width + self.positions[begin : begin + int(group_lengths.sum())]
-        mask = (torch.arange(width) < group_lengths[:, None])[:, None, None, :]
-        return slots, mask
+        rank = np.repeat(np.arange(len(group_sizes)), group_sizes)
+        slots = rank * width + positions[begin : begin + int(group_sizes.sum())]
+        mask = (np.arange(width) < group_sizes[:, None])[:, None, None, :]
+        return torch.from_numpy(slots), torch.from_numpy(mask)
 
     def _apply_in_place(self, move) -> "PackedLayout":
         self.lengths, self.sentence, self.positions, self.token_order = (
