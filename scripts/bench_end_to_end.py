@@ -9,6 +9,7 @@ rounds alternate the sides (A B A B) and each side reports its best round and th
 process fails is reported and left out; the others go on.
 
     python scripts/bench_end_to_end.py                      # STS-B train, fp32, 2 rounds
+    python scripts/bench_end_to_end.py --tiny --steps 50 550 --rounds 3    # the launch-bound proxy (issue 21)
     python scripts/bench_end_to_end.py --train ../quora/train.tsv --val ../quora/dev.tsv \
 --config configs/stackexchange.yaml
 
@@ -36,6 +37,8 @@ from benchmark import versions  # the in-process benchmark's, beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED_EPOCH_STEPS = 489_640 // 32 + 1  # the seed model's epoch at batch 32
+# `minilm_sts` and `minilm_sts-before` run `fit` as users do, with no flag: the path it picks for the device.
+COMPILE_FLAGS = {"minilm_sts-compiled": ["--model.compile", "true"], "minilm_sts-eager": ["--model.compile", "false"]}
 
 
 def parse_args() -> argparse.Namespace:
@@ -50,7 +53,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--sides", default="minilm_sts,sentence-transformers",
-                        help="comma-separated: minilm_sts, minilm_sts-compiled, sentence-transformers")
+                        help="comma-separated: minilm_sts (fit as users run it), minilm_sts-compiled, "
+                             "minilm_sts-eager, minilm_sts-before, sentence-transformers")
+    parser.add_argument("--before", type=Path, default=None,
+                        help="another checkout (an earlier commit), whose minilm_sts the minilm_sts-before side runs")
+    parser.add_argument("--tiny", action="store_true",
+                        help="the launch-bound proxy: both sides train a 2-layer, 64-wide BERT (random weights, the "
+                             "model's tokenizer), whose compute is negligible, so a step is almost all host overhead")
     parser.add_argument("--budget", type=float, default=None, help="seconds: start no round after this")
     parser.add_argument("--json", type=Path, default=Path("bench_end_to_end.json"))
     return parser.parse_args()
@@ -68,6 +77,21 @@ def packaged_file(source: str, folder: Path) -> Path:
     return target
 
 
+def tiny_model(source: str, folder: Path) -> Path:
+    """A 2-layer BERT of hidden size 64 with `source`'s tokenizer, saved by transformers as a plain model folder
+    (both sides pool it by the mean)."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=256)
+    BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 def command(side: str, steps: int, args, scratch: Path) -> list[str]:
     if side == "sentence-transformers":
         return [sys.executable, str(ROOT / "scripts/st_trainer_fit.py"), "--model", args.model, "--steps", str(steps),
@@ -79,13 +103,13 @@ def command(side: str, steps: int, args, scratch: Path) -> list[str]:
             "--data.label_scale", str(args.label_scale), "--trainer.max_steps", str(steps),
             "--trainer.val_check_interval", str(steps), "--trainer.default_root_dir", str(scratch / "runs"),
             "--trainer.precision", "32-true" if args.precision == "32" else args.precision,
-            "--model.compile", str(side == "minilm_sts-compiled").lower(), *logging]
+            *COMPILE_FLAGS.get(side, []), *logging]
 
 
-def child_env(threads: int, scratch: Path) -> dict[str, str]:
-    """The environment of each timed process: this working tree first on the import path, and whatever
-    was there before after it (the GPU machine's carried wheels live there)."""
-    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+def child_env(threads: int, scratch: Path, root: Path = ROOT) -> dict[str, str]:
+    """The environment of each timed process: this working tree (or `root`) first on the import path, and
+    whatever was there before after it (the GPU machine's carried wheels live there)."""
+    path = os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))
     return {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": path, "WANDB_MODE": "offline",
             "WANDB_DIR": str(scratch), "MINILM_STS_CACHE": str(scratch / "cache"), "HF_HUB_OFFLINE": "1"}
 
@@ -99,7 +123,7 @@ def run(side: str, steps: int, args, scratch: Path) -> tuple[float, dict]:
     """Wall seconds of one whole process, and what it reported about the model it trained."""
     runs = scratch / "runs"
     before = set(runs.rglob("*spearman*.ckpt")) if runs.exists() else set()
-    env = child_env(args.threads, scratch)
+    env = child_env(args.threads, scratch, args.before.resolve() if side == "minilm_sts-before" else ROOT)
     started = time.perf_counter()
     # In the scratch folder, so that the runs' W&B folders and checkpoints land there too.
     done = subprocess.run(command(side, steps, args, scratch), cwd=scratch, env=env, capture_output=True, text=True)
@@ -153,6 +177,7 @@ def display_name(source: str) -> str:
 def markdown(r: dict) -> str:
     reference = r["sides"].get("sentence-transformers")
     lines = [f"Machine: {describe_machine(r['machine'])}.", "",
+             f"Model {r.get('model', 'all-MiniLM-L6-v2')}. "
              f"Train `{r['train']}`, validate `{r['val']}`; recipe `{Path(r['config']).name}`, "
              f"precision {r['precision']}, "
              f"{r['threads']} threads, batch 32, max length 128; steps {r['steps'][0]} and {r['steps'][1]}, "
@@ -183,8 +208,11 @@ def main() -> None:
         args.model = str(resolve_pretrained(DEFAULT_MODEL))
     args.model = str(Path(args.model).resolve()) if Path(args.model).exists() else args.model
     with tempfile.TemporaryDirectory() as scratch:
+        if args.tiny:
+            args.model = str(tiny_model(args.model, Path(scratch) / "tiny-bert"))
         sides = measure(args, Path(scratch))
     result = {"train": display_name(args.train), "val": display_name(args.val), "config": args.config,
+              "model": "tiny BERT: 2 layers, hidden 64" if args.tiny else display_name(args.model),
               "precision": args.precision, "threads": args.threads, "steps": args.steps,
               "rounds_run": max((len(s["step_seconds"]) for s in sides.values()), default=0),
               "sides": sides, "versions": versions(), "machine": {**machine(), "threads": args.threads},
