@@ -163,9 +163,11 @@ def measure(args, scratch: Path) -> dict:
         if not per_step:
             results.pop(side)
             continue
-        result.update(step_seconds=per_step, best_step_seconds=min(per_step),
-                      median_step_seconds=statistics.median(per_step),
-                      startup_seconds=min(result["seconds"][few]) - few * min(per_step))
+        # A round whose shorter run was slowed by something else on the machine gives a difference of 0 or
+        # less; it stays in the record, but it is no one's best.
+        best = min((seconds for seconds in per_step if seconds > 0), default=float("nan"))
+        result.update(step_seconds=per_step, best_step_seconds=best, median_step_seconds=statistics.median(per_step),
+                      startup_seconds=min(result["seconds"][few]) - few * best)
     return results
 
 

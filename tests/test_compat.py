@@ -166,3 +166,46 @@ def test_lightning_cli_builds_its_trainer_through_the_hook_trainer_callbacks_ove
 
     assert list(inspect.signature(LightningCLI._instantiate_trainer).parameters) == ["self", "config", "callbacks"]
     assert compat.TrainerCallbacksCLI._instantiate_trainer is not LightningCLI._instantiate_trainer
+
+
+class LoggingStepProbe(L.Callback):
+    def __init__(self):
+        self.logging_steps = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if compat.is_logging_step(trainer):
+            self.logging_steps.append(trainer.global_step)
+
+
+def test_is_logging_step_is_true_exactly_every_log_every_n_steps(tiny_model_dir, pair_files, tmp_path):
+    probe = LoggingStepProbe()
+    data = PairDataModule(str(pair_files["train"]), str(pair_files["val"]), None, batch_size=2, forgetting_guard=False)
+    trainer = L.Trainer(max_steps=12, log_every_n_steps=4, callbacks=[probe], logger=CSVLogger(tmp_path),
+                        enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=0)
+    trainer.fit(SentenceEncoderTraining(pretrained=str(tiny_model_dir)), data)
+    assert probe.logging_steps == [4, 8, 12]  # global_step after the optimizer step of batches 3, 7 and 11
+
+
+def test_loss_scale_is_the_scalers_own_tensor_and_follows_a_skipped_step():
+    parameter = torch.nn.Parameter(torch.ones(2))
+    optimizer = torch.optim.SGD([parameter], lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    assert compat.loss_scale(scaler) is None  # before the first scaled loss
+    scaler.scale((parameter * float("inf")).sum()).backward()
+    scale = compat.loss_scale(scaler)
+    assert isinstance(scale, torch.Tensor) and scale.item() == scaler.get_scale() == 1024.0
+    scaler.step(optimizer)
+    scaler.update()
+    assert compat.loss_scale(scaler).item() == 512.0  # the step with inf gradients was skipped and the scale halved
+
+
+def test_a_recompile_beyond_the_limit_raises_under_no_silent_recompile_fallback():
+    silent = torch.compile(lambda x: x * 2, dynamic=False, backend="eager")
+    with torch._dynamo.config.patch(recompile_limit=1):
+        silent(torch.ones(2))
+        assert silent(torch.ones(3)).tolist() == [2.0] * 3  # torch's default: eager from here on, with a log line
+    compiled = torch.compile(lambda x: x * 3, dynamic=False, backend="eager")
+    with torch._dynamo.config.patch(recompile_limit=1), compat.no_silent_recompile_fallback():
+        compiled(torch.ones(2))
+        with pytest.raises(Exception, match="recompile_limit|cache_size_limit|recompil"):
+            compiled(torch.ones(3))  # a second shape needs a second compilation: over the limit of 1
