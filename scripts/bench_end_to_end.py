@@ -36,7 +36,7 @@ from minilm_sts.hardware import describe_machine, machine
 from benchmark import versions  # the in-process benchmark's, beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
-SEED_EPOCH_STEPS = 489_640 // 32 + 1  # the seed model's epoch at batch 32
+SEED_PAIRS = 489_640  # the seed model's epoch
 # `minilm_sts` and `minilm_sts-before` run `fit` as users do, with no flag: the path it picks for the device.
 COMPILE_FLAGS = {"minilm_sts-compiled": ["--model.compile", "true"], "minilm_sts-eager": ["--model.compile", "false"]}
 
@@ -50,6 +50,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--model", default=None, help="a model folder for both sides (default: all-MiniLM-L6-v2)")
     parser.add_argument("--precision", default="32", choices=["32", "16-mixed", "bf16-mixed"])
     parser.add_argument("--steps", type=int, nargs=2, default=[15, 75], metavar=("FEW", "MANY"))
+    parser.add_argument("--batch-size", type=int, default=32, help="pairs per step, on both sides")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--sides", default="minilm_sts,sentence-transformers",
@@ -59,7 +60,8 @@ def parse_args() -> argparse.Namespace:
                         help="another checkout (an earlier commit), whose minilm_sts the minilm_sts-before side runs")
     parser.add_argument("--tiny", action="store_true",
                         help="the launch-bound proxy: both sides train a 2-layer, 64-wide BERT (random weights, the "
-                             "model's tokenizer), whose compute is negligible, so a step is almost all host overhead")
+                             "model's tokenizer), a tenth of the real model's compute per token, so that framework, "
+                             "data and launches weigh far more")
     parser.add_argument("--budget", type=float, default=None, help="seconds: start no round after this")
     parser.add_argument("--json", type=Path, default=Path("bench_end_to_end.json"))
     return parser.parse_args()
@@ -96,11 +98,13 @@ def command(side: str, steps: int, args, scratch: Path) -> list[str]:
     if side == "sentence-transformers":
         return [sys.executable, str(ROOT / "scripts/st_trainer_fit.py"), "--model", args.model, "--steps", str(steps),
                 "--train", str(packaged_file(args.train, scratch)), "--val", str(packaged_file(args.val, scratch)),
-                "--label-scale", str(args.label_scale), "--precision", args.precision]
+                "--label-scale", str(args.label_scale), "--precision", args.precision,
+                "--batch-size", str(args.batch_size)]
     logging = [] if importlib.util.find_spec("wandb") else ["--trainer.logger", "false"]
     return [sys.executable, "-m", "minilm_sts", "fit", "--config", args.config, "--model.pretrained", args.model,
             "--data.train_path", args.train, "--data.val_path", args.val, "--data.test_path", "null",
-            "--data.label_scale", str(args.label_scale), "--trainer.max_steps", str(steps),
+            "--data.label_scale", str(args.label_scale), "--data.batch_size", str(args.batch_size),
+            "--trainer.max_steps", str(steps),
             "--trainer.val_check_interval", str(steps), "--trainer.default_root_dir", str(scratch / "runs"),
             "--trainer.precision", "32-true" if args.precision == "32" else args.precision,
             *COMPILE_FLAGS.get(side, []), *logging]
@@ -178,11 +182,12 @@ def display_name(source: str) -> str:
 
 def markdown(r: dict) -> str:
     reference = r["sides"].get("sentence-transformers")
+    batch = r.get("batch_size", 32)
     lines = [f"Machine: {describe_machine(r['machine'])}.", "",
              f"Model {r.get('model', 'all-MiniLM-L6-v2')}. "
              f"Train `{r['train']}`, validate `{r['val']}`; recipe `{Path(r['config']).name}`, "
              f"precision {r['precision']}, "
-             f"{r['threads']} threads, batch 32, max length 128; steps {r['steps'][0]} and {r['steps'][1]}, "
+             f"{r['threads']} threads, batch {batch}, max length 128; steps {r['steps'][0]} and {r['steps'][1]}, "
              f"{r['rounds_run']} alternating round(s).", "",
              "| side | best s/step | median s/step | pairs/s (best) | start-up s | seed epoch, min "
              "| vs sentence-transformers | val Spearman |",
@@ -191,8 +196,8 @@ def markdown(r: dict) -> str:
         ratio = f"{reference['best_step_seconds'] / s['best_step_seconds']:.2f}x" if reference else "-"
         spearman = s["reports"][-1].get("val_spearman")
         lines.append(f"| {side} | {s['best_step_seconds']:.4f} | {s['median_step_seconds']:.4f} | "
-                     f"{32 / s['best_step_seconds']:.1f} | {s['startup_seconds']:.1f} | "
-                     f"{SEED_EPOCH_STEPS * s['best_step_seconds'] / 60:.2f} | {ratio} | "
+                     f"{batch / s['best_step_seconds']:.1f} | {s['startup_seconds']:.1f} | "
+                     f"{(SEED_PAIRS // batch + 1) * s['best_step_seconds'] / 60:.2f} | {ratio} | "
                      f"{spearman if spearman is None else f'{spearman:.4f}'} |")
     lines += ["", f"Measured {r['date']} with `python {r['command']}`; "
               + ", ".join(f"{k} {v}" for k, v in r["versions"].items()) + "."]
@@ -215,7 +220,7 @@ def main() -> None:
         sides = measure(args, Path(scratch))
     result = {"train": display_name(args.train), "val": display_name(args.val), "config": args.config,
               "model": "tiny BERT: 2 layers, hidden 64" if args.tiny else display_name(args.model),
-              "precision": args.precision, "threads": args.threads, "steps": args.steps,
+              "precision": args.precision, "batch_size": args.batch_size, "threads": args.threads, "steps": args.steps,
               "rounds_run": max((len(s["step_seconds"]) for s in sides.values()), default=0),
               "sides": sides, "versions": versions(), "machine": {**machine(), "threads": args.threads},
               "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv)}
