@@ -34,10 +34,15 @@ INPROCESS=(--data .bench/pairs.tsv --model .bench/model --rss-steps 0)
 SYNCS=(--config configs/stackexchange.yaml --model .bench/model --train .bench/pairs.tsv --val .bench/dev.tsv
        --root "$OUT/sync-count-run")
 if [[ "${DRY_RUN:-0}" == 1 ]]; then
+    # The same commands on small slices: on 2 CPU cores each real-sized process would take minutes.
+    head -n 257 .bench/pairs.tsv > "$OUT/dry_pairs.tsv" && head -n 65 .bench/dev.tsv > "$OUT/dry_dev.tsv"
+    DATA=(--train "$OUT/dry_pairs.tsv" --val "$OUT/dry_dev.tsv" --config configs/stackexchange.yaml --model .bench/model)
+    SYNCS=(--config configs/stackexchange.yaml --model .bench/model --train "$OUT/dry_pairs.tsv" --val "$OUT/dry_dev.tsv"
+           --root "$OUT/sync-count-run")
     python3 scripts/bench_end_to_end.py "${DATA[@]}" --sides minilm_sts,minilm_sts-eager,sentence-transformers \
         --precision 32 --batch-size 8 --steps 2 3 --rounds 1 --json "$OUT/bench_gpu_e2e_dry.json" &&
     python3 scripts/count_gpu_syncs.py "${SYNCS[@]}" --precision 32-true --steps 3 --json "$OUT/bench_gpu_syncs_dry.json" &&
-    exec python3 scripts/benchmark.py "${INPROCESS[@]}" --device cpu --precision 32 --rounds 1 --steps 2 \
+    exec python3 scripts/benchmark.py --data "$OUT/dry_pairs.tsv" --model .bench/model --rss-steps 0 --device cpu --precision 32 --rounds 1 --steps 2 \
         --skip-encode --json "$OUT/bench_gpu_dry.json"
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
