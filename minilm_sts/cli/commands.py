@@ -27,8 +27,14 @@ def export_command(args: list[str]) -> None:
     parser.add_argument("checkpoint", type=Path, help="a .ckpt written by fit")
     parser.add_argument("out_dir", type=Path, help="the folder to create")
     parser.add_argument("--overwrite", action="store_true", help="replace out_dir if it exists")
+    parser.add_argument("--onnx", action="store_true",
+                        help="also write onnx/model.onnx (sentence-transformers' backend=\"onnx\"), checked against "
+                             "PyTorch; needs the onnx extra")
+    parser.add_argument("--onnx-int8", action="store_true",
+                        help="--onnx, plus its int8 dynamic quantization as onnx/model_qint8_<arch>.onnx")
     options = parser.parse_args(args)
-    print(f"Exported to {export_with_card(options.checkpoint, options.out_dir, options.overwrite)}")
+    out_dir = export_with_card(options.checkpoint, options.out_dir, options.overwrite, options.onnx, options.onnx_int8)
+    print(f"Exported to {out_dir}")
 
 
 def not_a_cloud_tip(record: logging.LogRecord) -> bool:

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from types import SimpleNamespace
 
 from minilm_sts.data.pair_data_module import GUARD_NAME, GUARD_SOURCE
-from minilm_sts.hardware import describe_machine
+from minilm_sts.hardware import describe_machine, machine
 from minilm_sts.training.losses import LOSSES, loss_of_set
 
 # Each loss as sentence-transformers' equivalent class and the parameters its cards list beside ours.
@@ -46,6 +46,31 @@ def render_model_card(hparams: Mapping, run: dict | None = None) -> str:
         _versions(run),
     ]
     return "\n\n".join(section for section in sections if section) + "\n"
+
+
+def render_deployment(parity) -> str:
+    """The card's section on the folder's ONNX files, from export's parity rows (`BackendParity`, PyTorch's
+    first): what the graph holds, how to load each file, and how close each backend comes to PyTorch."""
+    rows = [_row(["Backend", "File", "Size (MB)", "Max abs diff vs PyTorch", "Min cosine vs PyTorch",
+                  "STS-B test spearman_cosine"]), _row(["---"] * 6)]
+    rows += [_row([p.backend, f"`{p.file}`", f"{p.size_bytes / 1e6:.1f}", f"{p.max_abs_diff:.2e}",
+                   f"{p.min_cosine:.4f}", f"{p.stsb_test_spearman:.4f}"]) for p in parity]
+    loads = "\n".join(f'model = SentenceTransformer("path/to/this/folder", backend="onnx", '
+                      f'model_kwargs={{"file_name": "{p.file}"}})' for p in parity[1:])
+    return (
+        "## Deployment\n\n"
+        "`onnx/` holds this model's transformer as ONNX graphs, in the layout sentence-transformers' ONNX backend "
+        "loads: inputs `input_ids`, `attention_mask` and `token_type_ids` (batch and sequence axes dynamic), output "
+        "`last_hidden_state`. Mean pooling and normalisation are not in the graph: they stay in the `1_Pooling` and "
+        "`2_Normalize` modules. The int8 file, if present, is ONNX Runtime's dynamic quantization (int8 weights per "
+        "channel, the word embeddings included; activations quantized per batch at run time).\n\n"
+        "```python\nimport minilm_sts\n\n"
+        f'model = minilm_sts.load("path/to/this/folder", backend="onnx", file_name="{parity[-1].file}")\n```\n\n'
+        f"```python\nfrom sentence_transformers import SentenceTransformer\n\n{loads}\n```\n\n"
+        "### Parity\n\nMeasured at export on the sentences of both columns of the packaged STS-B test split "
+        f"(normalised embeddings, compared with this folder's PyTorch weights), on {describe_machine(machine())}:"
+        "\n\n" + "\n".join(rows) + "\n"
+    )
 
 
 def loss_description(name: str, given: dict) -> tuple[str, dict]:

@@ -12,7 +12,8 @@ from minilm_sts.atomic import write_file_atomically
 from minilm_sts.data.pairs import is_sentence_file, read_sentences, read_unlabelled_pairs
 from minilm_sts.data.sources import parse_source
 from minilm_sts.errors import UserInputError
-from minilm_sts.serving.loading import load
+from minilm_sts.serving.loading import BACKENDS, load
+from minilm_sts.serving.onnx_export import FP32_FILE
 
 EMBEDDING_SUFFIXES = (".npy", ".parquet")
 
@@ -70,6 +71,11 @@ def predict_command(args: list[str]) -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--column", help="the sentence column of a table of single sentences")
     parser.add_argument("--device", default=None, help="e.g. cuda; default: where the model loads (cpu)")
+    parser.add_argument("--backend", choices=BACKENDS, default="torch",
+                        help="onnx: the exported folder's ONNX file through ONNX Runtime, on the CPU")
+    parser.add_argument("--onnx-file", default=FP32_FILE,
+                        help=f"with --backend onnx, the file in the folder (default {FP32_FILE}; e.g. "
+                             "onnx/model_qint8_avx512_vnni.onnx)")
     options = parser.parse_args(args)
-    model = load(options.model, map_location=options.device or "cpu")
+    model = load(options.model, options.device or "cpu", options.backend, options.onnx_file)
     print(f"Wrote {predict(model, options.input, options.output, options.batch_size, options.column)}")
