@@ -20,9 +20,9 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from minilm_sts._compat import epoch_batches_trained
 from minilm_sts.data.batching import PairBatches
 from minilm_sts.data.pair_datasets import ConcatPairs, PairDataset, ResumableLoader
-from minilm_sts.data.pairs import PairTable, ReadOptions, read_pairs, read_sentences
+from minilm_sts.data.pairs import PairTable, ReadOptions, iter_pair_chunks, read_pairs, read_sentences
 from minilm_sts.data.sources import FileSource, builtin_path, parse_source
-from minilm_sts.data.token_cache import TokenizedPairs, load_tokenized
+from minilm_sts.data.token_cache import Share, TokenizedPairs, load_tokenized
 from minilm_sts.errors import PairDataError
 from minilm_sts.evaluation.retrieval import DuplicateRetrieval
 from minilm_sts.model.bert import PackedLayout
@@ -79,6 +79,10 @@ class PairDataModule(L.LightningDataModule):
             (`val/stsb/...`, read with its own labels in [0, 1], never monitored unless `monitor_val` names it),
             once before the first step too, so a run shows whether training cost general similarity. Not added
             when a training or validation set already is a packaged STS-B split.
+        num_proc: processes that tokenize a source that is not in the token cache yet, chunk by chunk (by
+            default the CPUs this process may use, shared among the run's processes on the machine; a source of
+            one chunk is tokenized in this process). Under distributed training every process tokenizes its
+            share of the chunks, and all of them then read the whole cache.
         retrieval: evaluation sets also scored as duplicate retrieval (`val/<set>/cosine_mrr@10`, `cosine_ap`
             ...; see `DuplicateRetrieval`): a list of set names, or a mapping set name: corpus file (a `.txt` file
             with one sentence per line, or a table's `sentence` or `text` column) whose sentences join the set's
@@ -102,10 +106,13 @@ class PairDataModule(L.LightningDataModule):
         drop_invalid: bool = False,
         forgetting_guard: bool = True,
         retrieval: Union[list[str], dict[str, Optional[str]], None] = None,
+        num_proc: Optional[int] = None,
     ):
         super().__init__()
         if batch_size < 1:
             raise PairDataError(f"batch_size must be at least 1 pair, got {batch_size}")
+        if num_proc is not None and num_proc < 1:
+            raise PairDataError(f"num_proc must be at least 1 process, got {num_proc}")
         self.save_hyperparameters()
         if seed is None:  # Lightning's seed_everything records its seed here, for worker processes too
             self.hparams.seed = int(os.environ.get("PL_GLOBAL_SEED", 42))
@@ -170,7 +177,8 @@ class PairDataModule(L.LightningDataModule):
 
     def _load(self, split: str, name: str) -> PairDataset:
         source = self.sources[split][name]
-        pairs = load_tokenized(source, self.tokenizer, self.max_seq_length, self._read_options(split, name))
+        pairs = load_tokenized(source, self.tokenizer, self.max_seq_length, self._read_options(split, name),
+                               num_proc=self.hparams.num_proc, share=self._share())
         if split != "train":
             _check_correlation_defined(source, pairs)
         rank_zero_info(f"{split}: {len(pairs):,} pairs from {source}; {pairs.at_max_length} sentence(s) reached "
@@ -179,11 +187,20 @@ class PairDataModule(L.LightningDataModule):
             return PairDataset(pairs)
         return _positive_pairs(source, pairs)
 
-    def _read_table(self, split: str, name: str) -> PairTable:
-        """A set's texts, read again from its source (the token cache keeps only tokens and labels)."""
+    def _share(self) -> Share:
+        """This process's part in tokenizing a source under distributed training (the whole, alone)."""
+        trainer = self.trainer
+        if trainer is None or trainer.world_size == 1:
+            return Share()
+        return Share(trainer.global_rank, trainer.world_size, trainer.local_rank, trainer.strategy.barrier)
+
+    def _read_table(self, split: str, name: str, head: bool = False) -> PairTable:
+        """A set's texts, read again from its source (the token cache keeps only tokens and labels): all of
+        them, or with `head` only its first chunk (however large the source, a bounded read)."""
+        source, options = self.sources[split][name], self._read_options(split, name)
         with warnings.catch_warnings():  # rows dropped under drop_invalid were reported when the data loaded
             warnings.simplefilter("ignore")
-            return read_pairs(self.sources[split][name], self._read_options(split, name))
+            return next(iter_pair_chunks(source, options)) if head else read_pairs(source, options)
 
     def _in_batch_negatives(self, train_set: str) -> bool:
         return train_set in self.in_batch_negatives
@@ -222,7 +239,7 @@ class PairDataModule(L.LightningDataModule):
 
     def _describe(self, split: str, name: str, dataset: PairDataset) -> dict:
         source, pairs = self.sources[split][name], dataset.pairs
-        table = self._read_table(split, name)
+        table = self._read_table(split, name, head=True)
         rows = min(len(pairs), CARD_STATS_ROWS)
         lengths = np.diff(pairs.offsets[: 2 * rows + 1])
         column_a, column_b, label = table.columns

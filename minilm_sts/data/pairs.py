@@ -19,8 +19,8 @@ import math
 import re
 import warnings
 from dataclasses import dataclass, replace
-from itertools import islice
-from typing import Callable, Optional, Sequence
+from itertools import chain, islice
+from typing import Callable, Iterator, Optional, Sequence
 
 from minilm_sts.data.sources import FileSource, HfSource, Source, parse_source
 from minilm_sts.errors import PairDataError
@@ -29,6 +29,8 @@ SENTENCE_COLUMN_CHOICES = (("sentence_0", "sentence_1"), ("sentence1", "sentence
 LABEL_COLUMN_CHOICES = ("label", "score")
 DELIMITERS = {"csv": ",", "tsv": "\t"}
 LINE_BREAK = re.compile(r"\r\n|\r|\n")  # the line ends a text file opened with newline="" splits on
+CHUNK_ROWS = 65536  # rows a chunked read holds at once: about 20 MB of Quora-like pairs
+STREAMED_WHOLE = 1 << 40  # a batch size that takes a whole streamed dataset in one batch
 
 
 @dataclass(frozen=True)
@@ -64,38 +66,101 @@ class PairTable:
 
 @dataclass
 class RawColumns:
-    """Columns as read, before checks; `where(i)` says where row i sits in the source (e.g. 'line 12')."""
+    """Columns as read, before checks, for all rows or one chunk of them; `where(i)` says where row i of these
+    sits in the source (e.g. 'line 12')."""
 
     columns: dict[str, list]
     where: Callable[[int], str]
+
+    @property
+    def size(self) -> int:
+        return len(next(iter(self.columns.values()), []))
 
 
 def read_pairs(source: str | Source, options: ReadOptions = ReadOptions(), **option_fields) -> PairTable:
     """Read and validate a pair source. `option_fields` set single fields of `options`, as in
     `read_pairs(path, label_scale=5.0)`."""
-    source, options = parse_source(source), replace(options, **option_fields)
-    raw = _read_raw(source)
-    text = source.text
-    if not raw.columns or not next(iter(raw.columns.values()), []):
-        raise PairDataError(f"{text}: no data rows")
-    col_a, col_b = _pick_sentence_columns(text, raw.columns, options.sentence_columns)
-    label_col = _pick_label_column(text, raw.columns, options.label_column)
-    sentences_a, bad_a = _check_sentences(text, raw, col_a)
-    sentences_b, bad_b = _check_sentences(text, raw, col_b)
-    labels, bad_labels = _check_labels(text, raw, label_col, options.label_scale)
-    bad = {}
-    for problems in (bad_a, bad_b, bad_labels):
-        if problems and not options.drop_invalid:
-            first = next(iter(problems.values()))
-            hint = _scale_hint(labels, options.label_scale, problems is bad_labels)
-            raise PairDataError(f"{first} ({len(problems)} such row(s) in all){hint}")
-        bad = {**problems, **bad}
-    if bad:
-        warnings.warn(f"{text}: dropped {len(bad)} invalid row(s) of {len(labels)} (drop_invalid); the first: "
-                      f"{bad[min(bad)]}", stacklevel=2)
+    chunks = list(iter_pair_chunks(source, replace(options, **option_fields), chunk_rows=None))
+    return PairTable(chunks[0].source, *([value for chunk in chunks for value in getattr(chunk, column)]
+                                         for column in ("sentences_a", "sentences_b", "labels")),
+                     chunks[0].columns, sum(chunk.dropped for chunk in chunks))
+
+
+def iter_pair_chunks(source: str | Source, options: ReadOptions = ReadOptions(),
+                     chunk_rows: int | None = CHUNK_ROWS) -> Iterator[PairTable]:
+    """The valid pairs of `source` in chunks, chunk i from source rows i * chunk_rows up to (i + 1) * chunk_rows
+    (one chunk when `chunk_rows` is None), so memory holds one chunk at a time.
+
+    Every problem is reported as `read_pairs` always did: after the whole source is read, with the first bad
+    row, the number of such rows and, under `drop_invalid`, one warning for all. So from the first bad row on
+    (unless `drop_invalid`), no more chunks are yielded, the rest is only checked, and the generator raises at
+    its end: a caller must not use what it was given before that. Chunk i is always the i-th yielded (empty
+    when every row of it was dropped), so a caller may key work it has done on i."""
+    source = parse_source(source)
+    chunks = _raw_chunks(source, chunk_rows)
+    first = next(chunks)
+    try:
+        columns = (*_pick_sentence_columns(source.text, first.columns, options.sentence_columns),
+                   _pick_label_column(source.text, first.columns, options.label_column))
+        _check_label_scale(source.text, options.label_scale)
+    except PairDataError as err:
+        columns, setup_error = None, err  # said after the whole source is read, as before chunks existed
+    problems, rows = _RowProblems(source.text, options), 0
+    for raw in chain([first], chunks):
+        rows += raw.size
+        table = problems.check(raw, columns) if columns else None
+        if table is not None and (options.drop_invalid or not problems.found):
+            yield table
+    if rows == 0:
+        raise PairDataError(f"{source.text}: no data rows")
+    if columns is None:
+        raise setup_error
+    problems.raise_or_warn()
+
+
+class _RowProblems:
+    """What was wrong with a source's rows so far, chunk by chunk: for each check (sentence A, sentence B,
+    label) the first message and a count, and for `drop_invalid` the first bad row's message and the count."""
+
+    def __init__(self, source: str, options: ReadOptions):
+        self.source, self.options = source, options
+        self.rows, self.found, self.top_label = 0, False, 0.0
+        self.first: list[str | None] = [None, None, None]
+        self.counts = [0, 0, 0]
+        self.first_dropped, self.dropped = None, 0
+
+    def check(self, raw: RawColumns, columns: tuple[str, str, str]) -> PairTable:
+        """The chunk's valid rows (empty once a problem has been found, unless drop_invalid)."""
+        col_a, col_b, label_col = columns
+        sentences_a, bad_a = _check_sentences(self.source, raw, col_a)
+        sentences_b, bad_b = _check_sentences(self.source, raw, col_b)
+        labels, bad_labels = _check_labels(self.source, raw, label_col, self.options.label_scale)
+        self.rows += len(labels)
+        self.top_label = max([self.top_label, *(y for y in labels if math.isfinite(y))])
+        for kind, problems in enumerate((bad_a, bad_b, bad_labels)):
+            self.counts[kind] += len(problems)
+            if problems and self.first[kind] is None:
+                self.first[kind] = next(iter(problems.values()))
+        # A row with several problems is named by its sentence A problem first, then B's, then its label's.
+        bad = {**bad_labels, **bad_b, **bad_a}
+        self.found = self.found or bool(bad)
+        self.dropped += len(bad)
+        if bad and self.first_dropped is None:
+            self.first_dropped = bad[min(bad)]
         keep = [i for i in range(len(labels)) if i not in bad]
-        sentences_a, sentences_b, labels = ([column[i] for i in keep] for column in (sentences_a, sentences_b, labels))
-    return PairTable(text, sentences_a, sentences_b, labels, (col_a, col_b, label_col), len(bad))
+        if bad:
+            sentences_a, sentences_b, labels = ([column[i] for i in keep] for column in (sentences_a, sentences_b,
+                                                                                         labels))
+        return PairTable(self.source, sentences_a, sentences_b, labels, columns, len(bad))
+
+    def raise_or_warn(self) -> None:
+        for kind, first in enumerate(self.first):
+            if first is not None and not self.options.drop_invalid:
+                hint = _scale_hint(self.top_label, self.options.label_scale, about_labels=kind == 2)
+                raise PairDataError(f"{first} ({self.counts[kind]} such row(s) in all){hint}")
+        if self.dropped:
+            warnings.warn(f"{self.source}: dropped {self.dropped} invalid row(s) of {self.rows} (drop_invalid); the "
+                          f"first: {self.first_dropped}", stacklevel=2)
 
 
 def is_sentence_file(source: Source) -> bool:
@@ -174,8 +239,6 @@ def _checked_sentences(source: str, raw: RawColumns, column: str) -> list[str]:
 
 def _check_labels(source: str, raw: RawColumns, column: str, scale: float) -> tuple[list[float], dict[int, str]]:
     """Labels divided by `scale`, and a message for each row whose label is not a number in [0, 1] after that."""
-    if not (scale > 0 and math.isfinite(scale)):
-        raise PairDataError(f"{source}: label_scale must be a positive number, got {scale}")
     labels, bad = [], {}
     for i, value in enumerate(raw.columns[column]):
         try:
@@ -191,26 +254,55 @@ def _check_labels(source: str, raw: RawColumns, column: str, scale: float) -> tu
     return labels, bad
 
 
-def _scale_hint(labels: list[float], scale: float, about_labels: bool) -> str:
-    top = max((y for y in labels if math.isfinite(y)), default=0.0) * scale
+def _check_label_scale(source: str, scale: float) -> None:
+    if not (scale > 0 and math.isfinite(scale)):
+        raise PairDataError(f"{source}: label_scale must be a positive number, got {scale}")
+
+
+def _scale_hint(top_label: float, scale: float, about_labels: bool) -> str:
+    top = top_label * scale
     if not about_labels or top <= 1:
         return ""
     return f". Labels reach {top:g}: set label_scale to {math.ceil(top):g} if that is the top of the scale."
 
 
 def _read_raw(source: Source) -> RawColumns:
+    """All of the source's rows as one chunk."""
+    return next(_raw_chunks(source, None))
+
+
+def _raw_chunks(source: Source, chunk_rows: int | None) -> Iterator[RawColumns]:
+    """The source's rows in chunks of `chunk_rows` (all in one when None); at least one chunk, which names the
+    columns even when there are no rows."""
     if isinstance(source, HfSource):
-        return RawColumns(source.table.to_dict(), lambda i: f"row {i + 1}")
+        return _hf_chunks(source, chunk_rows)
     path = source.existing_path()
     if source.format in DELIMITERS:
-        return _read_delimited(source, DELIMITERS[source.format])
+        return _delimited_chunks(source, DELIMITERS[source.format], chunk_rows)
     if source.format == "jsonl":
-        return _read_jsonl(source)
+        return _jsonl_chunks(source, chunk_rows)
     if source.format == "parquet":
-        return _read_parquet(source)
+        return _parquet_chunks(source, chunk_rows)
     raise PairDataError(f"{source.text}: unknown file type {path.suffix!r}; expected .csv, .tsv, .jsonl or .parquet")
 
 
+def _numbered_rows(batches: Iterator[dict[str, list]], names: list[str]) -> Iterator[RawColumns]:
+    """Column batches of a table as chunks whose rows are named by their place in the whole table."""
+    start, empty = 0, True
+    for batch in batches:
+        yield RawColumns(batch, lambda i, start=start: f"row {start + i + 1}")
+        start, empty = start + len(next(iter(batch.values()), [])), False
+    if empty:
+        yield RawColumns({name: [] for name in names}, str)
+
+
+def _hf_chunks(source: HfSource, chunk_rows: int | None) -> Iterator[RawColumns]:
+    table = source.table
+    if source.streaming:  # rows arrive as the Hub sends them: no length, and column names only with the rows
+        batches = table.iter(batch_size=chunk_rows or STREAMED_WHOLE)
+        first = next(batches, {})
+        return _numbered_rows(chain([first] if first else [], batches), list(first))
+    return _numbered_rows(table.iter(batch_size=chunk_rows or max(len(table), 1)), list(table.column_names))
 def _open_bytes(source: FileSource) -> io.BufferedIOBase:
     path = source.existing_path()
     return gzip.open(path, "rb") if source.compressed else open(path, "rb")
@@ -246,9 +338,10 @@ def _read_lines(source: FileSource) -> RawColumns:
     return RawColumns({"line": lines}, lambda i: f"line {i + 1}")
 
 
-def _read_delimited(source: FileSource, delimiter: str) -> RawColumns:
-    lines: list[int] = []  # the line each row ends on
-    header_end = 0
+def _delimited_chunks(source: FileSource, delimiter: str, chunk_rows: int | None) -> Iterator[RawColumns]:
+    lines: list[int] = []  # the line each row of this chunk ends on
+    last_row_end = 0  # the line the last row read ended on (the header's at first)
+    yielded = False
     try:
         with _open_text(source) as handle:
             reader = csv.reader(handle, delimiter=delimiter, strict=True)
@@ -256,30 +349,33 @@ def _read_delimited(source: FileSource, delimiter: str) -> RawColumns:
             if header is None:
                 raise PairDataError(f"{source.text}: the file is empty; expected a header line")
             _check_header(source.text, header)
-            header_end = reader.line_num
+            last_row_end = reader.line_num
             columns: dict[str, list] = {name: [] for name in header}
-            lists = list(columns.values())
             for row in reader:
                 if len(row) != len(header):
                     raise PairDataError(
                         f"{source.text}, line {reader.line_num}: expected {len(header)} fields as in the header, got "
                         f"{len(row)}; check the delimiter and the quoting of that row"
                     )
-                for values, cell in zip(lists, row):
+                for values, cell in zip(columns.values(), row):
                     values.append(cell)
-                lines.append(reader.line_num)
+                last_row_end = reader.line_num
+                lines.append(last_row_end)
+                if len(lines) == chunk_rows:
+                    yield RawColumns(columns, lambda i, lines=lines: f"line {lines[i]}")
+                    lines, columns, yielded = [], {name: [] for name in header}, True
+            if lines or not yielded:  # the last rows, or the header alone
+                yield RawColumns(columns, lambda i, lines=lines: f"line {lines[i]}")
     except UnicodeDecodeError as err:
         raise _not_utf8(source) from err
     except csv.Error as err:
-        row_start = (lines[-1] if lines else header_end) + 1
         if "unexpected end of data" not in str(err):
             raise PairDataError(f"{source.text}, line {reader.line_num}: malformed CSV ({err})") from err
         raise PairDataError(
-            f"{source.text}, line {_unclosed_quote_line(source, delimiter, row_start)}: a quoted field opens here and "
-            "is never closed, so it runs to the end of the file; close the quote, or quote the whole field and "
-            'double each quote inside it ("")'
+            f"{source.text}, line {_unclosed_quote_line(source, delimiter, last_row_end + 1)}: a quoted field opens "
+            "here and is never closed, so it runs to the end of the file; close the quote, or quote the whole field "
+            'and double each quote inside it ("")'
         ) from err
-    return RawColumns(columns, lambda i: f"line {lines[i]}")
 
 
 def _unclosed_quote_line(source: FileSource, delimiter: str, row_start: int) -> int:
@@ -297,8 +393,27 @@ def _check_header(text: str, header: list[str]) -> None:
         raise PairDataError(f"{text}, line 1: duplicate column name(s) {duplicates} in the header")
 
 
-def _read_jsonl(source: FileSource) -> RawColumns:
-    records = []
+def _jsonl_chunks(source: FileSource, chunk_rows: int | None) -> Iterator[RawColumns]:
+    """Every key of any record is a column, so a first pass over the file finds them (and any broken line)."""
+    names = list(dict.fromkeys(key for _, record in _jsonl_records(source) for key in record))
+    chunk: list[tuple[int, dict]] = []
+    yielded = False
+    for numbered in _jsonl_records(source):
+        chunk.append(numbered)
+        if len(chunk) == chunk_rows:
+            yield _jsonl_chunk(chunk, names)
+            chunk, yielded = [], True
+    if chunk or not yielded:
+        yield _jsonl_chunk(chunk, names)
+
+
+def _jsonl_chunk(records: list[tuple[int, dict]], names: list[str]) -> RawColumns:
+    columns = {name: [record.get(name) for _, record in records] for name in names}
+    return RawColumns(columns, lambda i: f"line {records[i][0]}")
+
+
+def _jsonl_records(source: FileSource) -> Iterator[tuple[int, dict]]:
+    """(line number, record) for each line that is not blank."""
     try:
         with _open_text(source) as handle:
             for number, line in enumerate(handle, start=1):
@@ -311,21 +426,22 @@ def _read_jsonl(source: FileSource) -> RawColumns:
                 if not isinstance(record, dict):
                     raise PairDataError(f"{source.text}, line {number}: expected a JSON object, "
                                         f"got {type(record).__name__}")
-                records.append((number, record))
+                yield number, record
     except UnicodeDecodeError as err:
         raise _not_utf8(source) from err
-    names = list(dict.fromkeys(k for _, record in records for k in record))
-    columns = {name: [record.get(name) for _, record in records] for name in names}
-    return RawColumns(columns, lambda i: f"line {records[i][0]}")
 
 
-def _read_parquet(source: FileSource) -> RawColumns:
+def _parquet_chunks(source: FileSource, chunk_rows: int | None) -> Iterator[RawColumns]:
     try:
         import pyarrow.parquet as pq
     except ImportError as err:
         raise PairDataError(f"{source.text}: reading Parquet needs pyarrow (pip install pyarrow)") from err
-    try:
-        table = pq.read_table(source.path)
-    except Exception as err:  # pyarrow raises ArrowInvalid and OSError subclasses for damaged files
+    try:  # pyarrow raises ArrowInvalid and OSError subclasses for damaged files, when opening or reading
+        table = pq.ParquetFile(source.path)
+        if chunk_rows:
+            batches = table.iter_batches(batch_size=chunk_rows)
+        else:
+            batches = [table.read()] if table.metadata.num_rows else []
+        yield from _numbered_rows((batch.to_pydict() for batch in batches), table.schema_arrow.names)
+    except Exception as err:
         raise PairDataError(f"{source.text}: unreadable Parquet file ({err})") from err
-    return RawColumns(table.to_pydict(), lambda i: f"row {i + 1}")

@@ -1,5 +1,5 @@
 """Where pairs come from: a local file, a packaged dataset `builtin:NAME/SPLIT`, or a Hugging Face dataset
-`hf:NAME[:CONFIG]:SPLIT`.
+`hf:NAME[:CONFIG]:SPLIT`, downloaded whole, or `hf+stream:NAME[:CONFIG]:SPLIT`, streamed.
 
 `parse_source` turns what the user wrote into a source. Every source has `text` (what the user wrote, used in
 messages), `name` (a short name for metric keys) and `fingerprint()`: everything about the source that decides
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from dataclasses import dataclass
 from functools import cached_property
 from importlib import resources
@@ -19,8 +20,9 @@ from typing import Union
 from minilm_sts._compat import hf_dataset_fingerprint
 from minilm_sts.errors import PairDataError
 
-ACCEPTED = ("a .csv, .tsv, .jsonl or .parquet file (.csv.gz, .tsv.gz, .jsonl.gz too), builtin:stsb/SPLIT, or "
-            "hf:NAME[:CONFIG]:SPLIT")
+ACCEPTED = ("a .csv, .tsv, .jsonl or .parquet file (.csv.gz, .tsv.gz, .jsonl.gz too), builtin:stsb/SPLIT, "
+            "hf:NAME[:CONFIG]:SPLIT or hf+stream:NAME[:CONFIG]:SPLIT")
+HF_PREFIXES = ("hf:", "hf+stream:")
 
 
 @dataclass(frozen=True)
@@ -60,16 +62,18 @@ class FileSource:
 
 @dataclass(frozen=True)
 class HfSource:
-    """A split of a Hugging Face dataset, loaded (at most once per source) through the `datasets` package."""
+    """A split of a Hugging Face dataset, loaded (at most once per source) through the `datasets` package; with
+    `streaming`, read row batch by row batch from the Hub, never copied whole to disk."""
 
     text: str
     dataset: str
     config: str | None
     split: str
+    streaming: bool = False
 
     @property
     def name(self) -> str:
-        return self.text.removeprefix("hf:").replace("/", "-").replace(":", "-")
+        return self.text.split(":", 1)[1].replace("/", "-").replace(":", "-")
 
     @cached_property
     def table(self):
@@ -80,6 +84,8 @@ class HfSource:
             raise PairDataError(f"{self.text}: Hugging Face datasets need the `datasets` package "
                                 "(pip install datasets)") from err
         try:
+            if self.streaming:
+                return datasets.load_dataset(self.dataset, self.config, split=self.split, streaming=True)
             return datasets.load_dataset(self.dataset, self.config, split=self.split)
         except Exception as err:  # offline, unknown name, unknown split: all reported the same way
             raise PairDataError(f"{self.text}: could not load the Hugging Face dataset "
@@ -87,7 +93,13 @@ class HfSource:
 
     def fingerprint(self) -> str:
         """Name, config, split and the loaded dataset's own fingerprint, which changes with the revision it was
-        built from, so an updated Hub dataset is read again. (A dataset without one is keyed by name alone.)"""
+        built from, so an updated Hub dataset is read again. A streamed dataset has none: it is keyed by name
+        alone, and a warning says what that costs."""
+        if self.streaming:
+            warnings.warn(f"{self.text}: a streamed dataset has no content fingerprint, so its tokens are cached "
+                          "by name: a later change on the Hub is not seen until its entry is deleted from the token "
+                          "cache (MINILM_STS_CACHE); use hf: to key it by content", stacklevel=2)
+            return json.dumps(["hf+stream", self.dataset, self.config, self.split])
         return json.dumps(["hf", self.dataset, self.config, self.split, hf_dataset_fingerprint(self.table)])
 
 
@@ -98,12 +110,13 @@ def parse_source(source: str | Source) -> Source:
     """The source that `source` names; a source already parsed passes through unchanged."""
     if not isinstance(source, str):
         return source
-    if source.startswith("hf:"):
-        parts = source.removeprefix("hf:").split(":")
+    if source.startswith(HF_PREFIXES):
+        prefix, rest = source.split(":", 1)
+        parts = rest.split(":")
         if len(parts) not in (2, 3) or not all(parts):
-            raise PairDataError(f"{source}: expected hf:NAME[:CONFIG]:SPLIT")
+            raise PairDataError(f"{source}: expected {prefix}:NAME[:CONFIG]:SPLIT")
         name, config, split = (parts[0], None, parts[1]) if len(parts) == 2 else parts
-        return HfSource(source, name, config, split)
+        return HfSource(source, name, config, split, streaming=prefix == "hf+stream")
     if source.startswith("builtin:"):
         name = source.removeprefix("builtin:")
         return FileSource(source, builtin_path(name), name.replace("/", "-"))

@@ -12,17 +12,23 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import os
 import shutil
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
+from numpy.lib.format import open_memmap
+from tqdm.auto import tqdm
 
 from minilm_sts.atomic import staged_folder
-from minilm_sts.data.pairs import ReadOptions, read_pairs
+from minilm_sts.data.pairs import CHUNK_ROWS, PairTable, ReadOptions, iter_pair_chunks
 from minilm_sts.data.sources import Source, parse_source
-from minilm_sts.model.tokenization import tokenize_texts
+from minilm_sts.errors import PairDataError
+from minilm_sts.model.tokenization import tokenize_texts, tokenizer_files, tokenizer_from_files
 
 CACHE_FORMAT = 5  # 5: no sample rows or column names (a model card reads those from the source)
 ARRAYS = ("ids", "offsets", "labels")
@@ -50,21 +56,190 @@ class TokenizedPairs:
         return self.ids[self.offsets[k] : self.offsets[k + 1]]
 
 
-def load_tokenized(source: str | Source, tokenizer, max_length: int, options: ReadOptions = ReadOptions(),
+@dataclass(frozen=True)
+class Share:
+    """This process's part when several prepare one source (distributed training): process `rank` of `world`
+    tokenizes chunks rank, rank + world, ...; after `barrier`, `local_rank` 0 of each machine assembles the
+    entry, first tokenizing any chunk it cannot see (written on another machine that shares no cache folder)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    barrier: Callable[[], None] = lambda: None
+
+
+def load_tokenized(source: str | Source, tokenizer, max_length: int, options: ReadOptions = ReadOptions(), *,
+                   chunk_rows: int = CHUNK_ROWS, num_proc: int | None = None, share: Share = Share(),
                    **option_fields) -> TokenizedPairs:
     """Tokenized pairs for `source`, from the cache when an entry with the same key exists. `option_fields` set
-    single fields of `options`, as in `load_tokenized(path, tokenizer, 128, label_scale=5.0)`."""
+    single fields of `options`, as in `load_tokenized(path, tokenizer, 128, label_scale=5.0)`.
+
+    A source is read and tokenized `chunk_rows` pairs at a time, each chunk kept on disk as it is done, so memory
+    does not grow with the source, and a preparation that was interrupted resumes from its last whole chunk.
+    `num_proc` processes tokenize chunks side by side (None: the CPUs this process may use, shared among the
+    processes of this machine under `share`; 1: all in this process). The entry is memory-mapped."""
     source, options = parse_source(source), replace(options, **option_fields)
     entry = cache_root() / _cache_key(source, tokenizer, max_length, options)
-    cached = _read_entry(entry)
-    if cached is not None:
-        return cached
-    table = read_pairs(source, options)
+    pairs = _read_entry(entry)
+    if pairs is None:
+        _prepare(entry, ChunkFolder(entry, chunk_rows), source, options, tokenizer, max_length, num_proc, share)
+        pairs = _read_entry(entry)
+    if pairs is None:
+        raise OSError(f"{entry}: the token cache entry for {source.text} was not written whole")
+    return pairs
+
+
+def _prepare(entry: Path, chunks: "ChunkFolder", source: Source, options: ReadOptions, tokenizer, max_length: int,
+             num_proc: int | None, share: Share) -> None:
+    try:
+        chunks.tokenize(source, options, tokenizer, max_length, num_proc, share)
+        share.barrier()
+        if share.local_rank == 0:
+            if share.world > 1:  # chunks written on another machine, when the cache folder is not shared
+                chunks.tokenize(source, options, tokenizer, max_length, num_proc, Share())
+            chunks.assemble()
+    except PairDataError:
+        chunks.remove()  # a source with bad rows is fixed by changing it, which changes its key
+        raise
+    share.barrier()
+
+
+class ChunkFolder:
+    """Chunk i of a source, tokenized, in its own folder beside the entry it will become: token ids, sentence
+    lengths, labels and counts. Each chunk folder appears whole or not at all."""
+
+    def __init__(self, entry: Path, chunk_rows: int):
+        self.entry, self.chunk_rows = entry, chunk_rows
+        self.folder = entry.with_name(f"{entry.name}.chunks-{chunk_rows}")
+        self.count = 0
+
+    def part(self, index: int) -> Path:
+        return self.folder / f"{index:07d}"
+
+    def tokenize(self, source: Source, options: ReadOptions, tokenizer, max_length: int, num_proc: int | None,
+                 share: Share) -> None:
+        """Tokenize this process's chunks that are not on disk yet (all chunks are read: a chunk's rows are
+        known only by reading those before it, and every row is checked)."""
+        with ChunkTokenizers(tokenizer, max_length, num_proc, share) as workers:
+            for index, table in enumerate(tqdm(iter_pair_chunks(source, options, self.chunk_rows),
+                                               desc=f"Tokenizing {source.text}", unit=" chunks",
+                                               disable=share.rank != 0 or None, leave=False)):
+                if index % share.world == share.rank and not self.part(index).is_dir():
+                    workers.submit(self.part(index), table)
+                self.count = index + 1
+
+    def assemble(self) -> None:
+        """Write the chunks end to end as the entry's arrays, one chunk in memory at a time, then drop them."""
+        metas = [json.loads((self.part(i) / "meta.json").read_text()) for i in range(self.count)]
+        pairs, tokens = sum(m["pairs"] for m in metas), sum(m["tokens"] for m in metas)
+        id_type = np.load(self.part(0) / "ids.npy", mmap_mode="r").dtype
+        with staged_folder(self.entry, replace=False) as staging:
+            ids = open_memmap(staging / "ids.npy", mode="w+", dtype=id_type, shape=(tokens,))
+            offsets = open_memmap(staging / "offsets.npy", mode="w+", dtype=np.int64, shape=(2 * pairs + 1,))
+            labels = open_memmap(staging / "labels.npy", mode="w+", dtype=np.float32, shape=(pairs,))
+            offsets[0], pair, token = 0, 0, 0
+            for index, meta in enumerate(metas):
+                part = self.part(index)
+                chunk_ids, lengths = np.load(part / "ids.npy"), np.load(part / "lengths.npy")
+                ids[token : token + len(chunk_ids)] = chunk_ids
+                offsets[2 * pair + 1 : 2 * (pair + meta["pairs"]) + 1] = token + np.cumsum(lengths)
+                labels[pair : pair + meta["pairs"]] = np.load(part / "labels.npy")
+                pair, token = pair + meta["pairs"], token + len(chunk_ids)
+            for array in (ids, offsets, labels):
+                array.flush()
+            del ids, offsets, labels
+            meta = {"pairs": pairs, **{key: sum(m[key] for m in metas) for key in META}}
+            (staging / "meta.json").write_text(json.dumps(meta))
+        self.remove()
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class ChunkTokenizers:
+    """Tokenizes chunks into their folders: in this process, or, from a second chunk on, in a pool of `num_proc`
+    processes with at most two chunks each in flight, so memory stays bounded."""
+
+    def __init__(self, tokenizer, max_length: int, num_proc: int | None, share: Share):
+        self.tokenizer, self.max_length = tokenizer, max_length
+        self.num_proc = num_proc or max(1, len(os.sched_getaffinity(0)) // _processes_per_machine(share))
+        self.pool: ProcessPoolExecutor | None = None
+        self.pending: set[Future] = set()
+        self.held: tuple[Path, PairTable] | None = None  # a first chunk, kept until a second shows a pool pays
+
+    def __enter__(self) -> "ChunkTokenizers":
+        return self
+
+    def submit(self, folder: Path, table: PairTable) -> None:
+        if self.num_proc == 1:
+            write_chunk(folder, table, self.tokenizer, self.max_length)
+        elif self.pool is None and self.held is None:
+            self.held = (folder, table)
+        else:
+            if self.pool is None:
+                self.pool = ProcessPoolExecutor(self.num_proc, mp_context=_worker_context(),
+                                                initializer=_start_worker,
+                                                initargs=(tokenizer_files(self.tokenizer), self.max_length))
+                self._send(*self.held)
+                self.held = None
+            self._send(folder, table)
+
+    def _send(self, folder: Path, table: PairTable) -> None:
+        if len(self.pending) >= 2 * self.num_proc:
+            done, self.pending = wait(self.pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                future.result()  # a worker's error, raised here
+        self.pending.add(self.pool.submit(_worker_write_chunk, folder, table))
+
+    def __exit__(self, error_type, *_) -> None:
+        if self.held is not None and error_type is None:  # the only chunk: not worth starting processes
+            write_chunk(*self.held, self.tokenizer, self.max_length)
+        if self.pool is not None:
+            try:
+                for future in wait(self.pending).done:
+                    future.result()
+            finally:
+                self.pool.shutdown(cancel_futures=True)
+
+
+def _worker_context() -> multiprocessing.context.BaseContext:
+    """Forked where the system can, as DataLoader workers are: a spawned process imports the caller's main
+    module again, which breaks any script without an `if __name__ == "__main__"` guard. The forked processes
+    would warn that the tokenizer's own thread pool was used before the fork; they do not use it, and this
+    process's later tokenizing runs without it (a small part of its work)."""
+    if "fork" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    return multiprocessing.get_context("fork")
+
+
+def _processes_per_machine(share: Share) -> int:
+    """Processes of this run on this machine, which share its CPUs (torchrun and Lightning set LOCAL_WORLD_SIZE)."""
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", share.world)))
+
+
+def write_chunk(folder: Path, table: PairTable, tokenizer, max_length: int) -> None:
     interleaved = [text for pair in zip(table.sentences_a, table.sentences_b) for text in pair]
     ids, offsets, at_limit = tokenize_texts(tokenizer, interleaved, max_length)
-    pairs = TokenizedPairs(ids, offsets, np.asarray(table.labels, dtype=np.float32), at_limit, table.dropped)
-    _write_entry(entry, pairs)
-    return pairs
+    # replace=False: another process may have written the same chunk first; its content is the same.
+    with staged_folder(folder, replace=False) as staging:
+        np.save(staging / "ids.npy", ids)
+        np.save(staging / "lengths.npy", np.diff(offsets).astype(np.int32))
+        np.save(staging / "labels.npy", np.asarray(table.labels, dtype=np.float32))
+        meta = {"pairs": len(table), "tokens": len(ids), "at_max_length": at_limit, "dropped": table.dropped}
+        (staging / "meta.json").write_text(json.dumps(meta))
+
+
+_worker: dict = {}  # in a pool process: its tokenizer and max length
+
+
+def _start_worker(files: dict[str, str], max_length: int) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the pool's processes are the parallelism
+    _worker.update(tokenizer=tokenizer_from_files(files), max_length=max_length)
+
+
+def _worker_write_chunk(folder: Path, table: PairTable) -> None:
+    write_chunk(folder, table, _worker["tokenizer"], _worker["max_length"])
 
 
 def _cache_key(source: Source, tokenizer, max_length: int, options: ReadOptions) -> str:
@@ -98,12 +273,3 @@ def _read_entry(entry: Path) -> TokenizedPairs | None:
         shutil.rmtree(entry, ignore_errors=True)
         return None
     return pairs
-
-
-def _write_entry(entry: Path, pairs: TokenizedPairs) -> None:
-    # replace=False: if another process finished the same entry first, theirs is identical.
-    with staged_folder(entry, replace=False) as staging:
-        for name in ARRAYS:
-            np.save(staging / f"{name}.npy", getattr(pairs, name))
-        meta = {"pairs": len(pairs), **{key: getattr(pairs, key) for key in META}}
-        (staging / "meta.json").write_text(json.dumps(meta))

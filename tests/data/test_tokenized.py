@@ -5,6 +5,7 @@ import sys
 import types
 import warnings
 
+import datasets
 import numpy as np
 import pytest
 import torch
@@ -28,7 +29,7 @@ def tokenizer(tiny_model_dir):
 
 def test_second_load_comes_from_cache(tokenizer, pair_files, monkeypatch):
     first = load_tokenized(str(pair_files["train"]), tokenizer, 128)
-    monkeypatch.setattr(token_cache, "read_pairs", lambda *a, **k: pytest.fail("the cached entry was not used"))
+    monkeypatch.setattr(token_cache, "iter_pair_chunks", lambda *a, **k: pytest.fail("the cached entry was not used"))
     second = load_tokenized(str(pair_files["train"]), tokenizer, 128)
     assert np.array_equal(first.ids, second.ids) and np.array_equal(first.labels, second.labels)
     assert len(second) == 40
@@ -48,11 +49,11 @@ def test_changed_content_or_options_miss_the_cache(tokenizer, pair_files):
 def test_damaged_entry_is_rebuilt(tokenizer, pair_files, tmp_path, monkeypatch):
     monkeypatch.setenv("MINILM_STS_CACHE", str(tmp_path / "cache"))
     path = str(pair_files["train"])
-    good = load_tokenized(path, tokenizer, 128)
+    good = np.array(load_tokenized(path, tokenizer, 128).ids)  # a copy: the entry's arrays are memory-mapped
     (entry,) = cache_root().iterdir()
     (entry / "ids.npy").write_bytes(b"truncated")
     rebuilt = load_tokenized(path, tokenizer, 128)
-    assert np.array_equal(rebuilt.ids, good.ids)
+    assert np.array_equal(rebuilt.ids, good)
 
 
 def test_collate_packs_column_a_then_column_b(tokenizer, pair_files):
@@ -128,16 +129,10 @@ def test_every_read_option_gives_the_same_result_cold_or_warm(tokenizer, tmp_pat
     assert [load(options, f"cold{i}") for i, options in enumerate(variants)] == warm
 
 
-class HubDataset:
-    """What `datasets.load_dataset` returns, as far as reading needs: rows and a revision-dependent fingerprint."""
-
-    def __init__(self, fingerprint: str, label: float):
-        self._fingerprint, self.rows = fingerprint, {"sentence_0": ["a dog", "a man"],
-                                                      "sentence_1": ["a cat", "a woman"],
-                                                      "label": [label, 1.0]}
-
-    def to_dict(self) -> dict:
-        return self.rows
+def HubDataset(fingerprint: str, label: float):
+    """What `datasets.load_dataset` returns: a real Dataset, whose revision-dependent fingerprint is set here."""
+    rows = {"sentence_0": ["a dog", "a man"], "sentence_1": ["a cat", "a woman"], "label": [label, 1.0]}
+    return datasets.Dataset(datasets.table.InMemoryTable.from_pydict(rows), fingerprint=fingerprint)
 
 
 def test_hub_dataset_is_keyed_by_its_fingerprint_and_loaded_once(tokenizer, monkeypatch):
@@ -153,5 +148,5 @@ def test_hub_dataset_is_keyed_by_its_fingerprint_and_loaded_once(tokenizer, monk
     assert loads == [("org/pairs", "en", "train")]  # once for the key and the rows together
     hub[0] = HubDataset("revision-2", 0.25)  # the dataset changed on the Hub
     assert load_tokenized("hf:org/pairs:en:train", tokenizer, 128).labels.tolist() == [0.25, 1.0]
-    monkeypatch.setattr(token_cache, "read_pairs", lambda *a, **k: pytest.fail("the cached entry was not used"))
+    monkeypatch.setattr(token_cache, "iter_pair_chunks", lambda *a, **k: pytest.fail("the cached entry was not used"))
     assert load_tokenized("hf:org/pairs:en:train", tokenizer, 128).labels.tolist() == [0.25, 1.0]
