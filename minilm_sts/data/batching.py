@@ -36,7 +36,7 @@ class PairBatches:
         self.rank, self.world = rank, world
         self.sentence_ids = sentence_ids
         self.epoch, self._skip = 0, 0
-        self._planned: Optional[tuple[int, list[list[int]]]] = None  # (epoch, its plan), made once per epoch
+        self._planned: Optional[tuple[int, EpochPlan]] = None  # (epoch, its plan), made once per epoch
         receive_set_epoch(self)
 
     def set_epoch(self, epoch: int) -> None:
@@ -48,44 +48,68 @@ class PairBatches:
 
     def __iter__(self):
         skip, self._skip = self._skip, 0
-        plan = list(self._epoch_plan())
-        plan += plan[: len(self) * self.world - len(plan)]
-        return iter(plan[self.rank :: self.world][skip:])
+        plan = self._epoch_plan()
+        # Process `rank` takes planned batches rank, rank + world, ...; past the end the plan starts again.
+        for position in range(self.rank + skip * self.world, len(self) * self.world, self.world):
+            yield plan.batch(position % len(plan))
 
-    def _epoch_plan(self) -> list[list[int]]:
+    def _epoch_plan(self) -> "EpochPlan":
         if self._planned is None or self._planned[0] != self.epoch:
             self._planned = (self.epoch, self._plan())
         return self._planned[1]
 
-    def _plan(self) -> list[list[int]]:
+    def _plan(self) -> "EpochPlan":
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        per_dataset, offset = [], 0
+        rows, bounds = [], []
         for dataset, size in enumerate(self.sizes):
-            order = torch.randperm(size, generator=generator).tolist()
+            order = torch.randperm(size, generator=generator).numpy()
+            order = order.astype(np.int32) if size < 2**31 else order  # half the memory for any usual size
             if self.sentence_ids is None or self.sentence_ids[dataset] is None:
-                batches = [order[i : i + self.batch_size] for i in range(0, size, self.batch_size)]
+                rows.append(order)
+                bounds.append(np.append(np.arange(0, size, self.batch_size), size))
             else:
-                batches = distinct_sentence_batches(order, self.sentence_ids[dataset], self.batch_size)
-            per_dataset.append([[offset + i for i in batch] for batch in batches])
-            offset += size
-        if len(per_dataset) == 1:
-            return per_dataset[0]
-        if self.mode == "round_robin":
-            rounds = min(len(batches) for batches in per_dataset)
-            return [batches[i] for i in range(rounds) for batches in per_dataset]
-        remaining = torch.tensor([len(batches) for batches in per_dataset], dtype=torch.float64)
-        plan = []
-        while remaining.sum() > 0:
-            chosen = int(torch.multinomial(remaining, 1, generator=generator))
-            plan.append(per_dataset[chosen][len(per_dataset[chosen]) - int(remaining[chosen])])
-            remaining[chosen] -= 1
-        return plan
+                batches = distinct_sentence_batches(order.tolist(), self.sentence_ids[dataset], self.batch_size)
+                rows.append(np.fromiter((row for batch in batches for row in batch), dtype=order.dtype))
+                bounds.append(np.cumsum([0] + [len(batch) for batch in batches]))
+        counts = [len(b) - 1 for b in bounds]
+        if len(counts) == 1:
+            sequence = np.stack([np.zeros(counts[0], dtype=np.int64), np.arange(counts[0])], axis=1)
+        elif self.mode == "round_robin":
+            rounds = min(counts)
+            sequence = np.array([(d, i) for i in range(rounds) for d in range(len(counts))], dtype=np.int64)
+        else:
+            remaining = torch.tensor(counts, dtype=torch.float64)
+            sequence = []
+            while remaining.sum() > 0:
+                chosen = int(torch.multinomial(remaining, 1, generator=generator))
+                sequence.append((chosen, counts[chosen] - int(remaining[chosen])))
+                remaining[chosen] -= 1
+            sequence = np.array(sequence, dtype=np.int64).reshape(-1, 2)
+        return EpochPlan(rows, bounds, np.cumsum([0] + self.sizes[:-1]), sequence)
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "batches_done": self.batches_done()}
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self._skip = state["epoch"], state["batches_done"]
+
+
+class EpochPlan:
+    """An epoch's batches, compactly: per dataset its rows in batch order and where each batch starts there,
+    and the epoch's sequence of (dataset, batch) pairs. About 4 bytes a pair, where lists of Python ints took
+    ten times that."""
+
+    def __init__(self, rows: list[np.ndarray], bounds: list[np.ndarray], offsets: np.ndarray, sequence: np.ndarray):
+        self.rows, self.bounds, self.offsets, self.sequence = rows, bounds, offsets, sequence
+
+    def __len__(self) -> int:
+        return len(self.sequence)
+
+    def batch(self, position: int) -> list[int]:
+        """The global indices (dataset offset + row) of the epoch's batch at `position`."""
+        dataset, index = self.sequence[position]
+        start, stop = self.bounds[dataset][index], self.bounds[dataset][index + 1]
+        return (int(self.offsets[dataset]) + self.rows[dataset][start:stop].astype(np.int64)).tolist()
 
 
 def distinct_sentence_batches(order: list[int], sentence_ids: np.ndarray, batch_size: int) -> list[list[int]]:
@@ -112,9 +136,10 @@ def distinct_sentence_batches(order: list[int], sentence_ids: np.ndarray, batch_
         waiting = deferred + list(candidates)
         batches.append(batch)
     full = [batch for batch in batches if len(batch) > 1]
-    # Each full batch's sentences, gathered once: lone rows are few, but each one may scan every batch.
-    taken = [set(sentence_ids[batch].ravel().tolist()) for batch in full]
     alone = [batch[0] for batch in batches if len(batch) == 1]
+    # Each full batch's sentences, gathered once (and only if a row is alone): lone rows are few, but each one
+    # may scan every batch.
+    taken = [set(sentence_ids[batch].ravel().tolist()) for batch in full] if alone else []
     left_out = [row for row in alone if not _place_alone(row, full, taken, sentence_ids)]
     if left_out:
         shown = ", ".join(map(str, left_out[:10])) + (", ..." if len(left_out) > 10 else "")

@@ -32,27 +32,51 @@ class PairDataset(Dataset):
         embeds both columns, `lengths` says where each sentence ends, and `layout` is the encoder's bookkeeping
         for them (its `batch_layout`), made here in the loader so that the training step never waits on it."""
         pair_rows = self.rows[indices].astype(np.int64)
-        rows = np.concatenate([2 * pair_rows, 2 * pair_rows + 1])
-        starts = self.pairs.offsets[rows].astype(np.int64)
-        sizes = self.pairs.offsets[rows + 1] - starts
-        # One gather for the whole batch: each token's place in `ids`, its sentence's start plus its position.
-        token_index = np.repeat(starts - (np.cumsum(sizes) - sizes), sizes) + np.arange(sizes.sum())
+        tokens, sizes = sentence_tokens(self.pairs, np.concatenate([2 * pair_rows, 2 * pair_rows + 1]))
         lengths = torch.from_numpy(sizes)
         return {
-            "input_ids": torch.from_numpy(self.pairs.ids[token_index].astype(np.int64)),
+            "input_ids": torch.from_numpy(tokens.astype(np.int64)),
             "lengths": lengths,
             "layout": batch_layout(lengths),
             "labels": torch.from_numpy(np.asarray(self.pairs.labels[pair_rows], dtype=np.float32)),
             "indices": torch.tensor(indices),
         }
 
-    def sentence_ids(self) -> np.ndarray:
-        """[len(self), 2]: a number per distinct sentence (equal token ids, equal number) for sentence A and B
-        of each pair: what the model sees, so two texts that tokenize alike count as one."""
-        numbers: dict[bytes, int] = {}
-        flat = [numbers.setdefault(self.pairs.sentence(2 * int(i) + side).tobytes(), len(numbers))
-                for i in self.rows for side in (0, 1)]
-        return np.asarray(flat, dtype=np.int64).reshape(-1, 2)
+    def sentence_ids(self, block: int = 1 << 18) -> np.ndarray:
+        """[len(self), 2]: a 64-bit hash of the token ids of sentence A and B of each pair: what the model sees,
+        so two texts that tokenize alike count as one. Hashed, as sentence-transformers' NO_DUPLICATES_HASHED
+        batches do, so that the ids of 100M pairs take 16 bytes a pair, computed `block` sentences at a time; a
+        collision (about 2^-64 for two sentences) would only make a row wait for the next batch."""
+        sentences = (2 * self.rows.astype(np.int64)[:, None] + np.arange(2)).ravel()
+        hashes = np.empty(len(sentences), dtype=np.uint64)
+        for start in range(0, len(sentences), block):
+            tokens, sizes = sentence_tokens(self.pairs, sentences[start : start + block])
+            hashes[start : start + block] = _hash_token_runs(tokens, sizes)
+        return hashes.view(np.int64).reshape(-1, 2)
+
+
+def sentence_tokens(pairs: TokenizedPairs, sentences: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The token ids of the given sentences end to end, in one gather, and each sentence's length."""
+    starts = pairs.offsets[sentences].astype(np.int64)
+    sizes = pairs.offsets[sentences + 1] - starts
+    # Each token's place in `ids`: its sentence's start plus its position in the sentence.
+    token_index = np.repeat(starts - (np.cumsum(sizes) - sizes), sizes) + np.arange(sizes.sum())
+    return pairs.ids[token_index], sizes
+
+
+HASH_BASE = np.uint64(0x9E3779B97F4A7C15)  # odd, so its powers modulo 2^64 never vanish
+
+
+def _hash_token_runs(tokens: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """A polynomial hash modulo 2^64 of each run of `sizes` tokens (every run non-empty), mixed with its
+    length: the sum over positions j of (token + 1) * HASH_BASE^j, wrapping as uint64 arithmetic does."""
+    firsts = np.cumsum(sizes) - sizes
+    positions = np.arange(len(tokens)) - np.repeat(firsts, sizes)
+    with np.errstate(over="ignore"):
+        powers = np.cumprod(np.full(int(sizes.max()), HASH_BASE, dtype=np.uint64))  # HASH_BASE^(j + 1)
+        powers = np.concatenate([np.ones(1, dtype=np.uint64), powers[:-1]])
+        terms = (tokens.astype(np.uint64) + np.uint64(1)) * powers[positions]
+        return np.add.reduceat(terms, firsts) * HASH_BASE + sizes.astype(np.uint64)
 
 
 class ConcatPairs(Dataset):
