@@ -2,6 +2,7 @@
 
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,3 +30,19 @@ def test_the_score_is_read_from_a_checkpoint_name_lightning_versioned(monkeypatc
     bench = load_script("bench_end_to_end", monkeypatch)
     assert bench.spearman_in_name(Path("step450-spearman0.8659-v1.ckpt")) == 0.8659
     assert bench.spearman_in_name(Path("step50-spearman0.8012.ckpt")) == 0.8012
+
+
+def test_scale_files_repeat_the_source_with_a_suffix_per_copy(monkeypatch, tmp_path):
+    bench = load_script("bench_scale", monkeypatch)
+    source = tmp_path / "source.tsv"
+    source.write_text("sentence_0\tsentence_1\tlabel\na dog\ta cat\t1.0\nrain\tsun\t0.0\n")
+    built = bench.build_pairs(source, 5, tmp_path / "five.tsv")
+    assert built.read_text().splitlines()[1:] == ["a dog\ta cat\t1.0", "rain\tsun\t0.0", "a dog (1)\ta cat (1)\t1.0",
+                                                   "rain (1)\tsun (1)\t0.0", "a dog (2)\ta cat (2)\t1.0"]
+
+
+def test_scale_measures_a_whole_process_peak_memory(monkeypatch):
+    bench = load_script("bench_scale", monkeypatch)
+    grow = "import sys; block = bytearray(300 * 2**20); print('RESULT' + str(len(block)))"
+    seconds, peak_gib, out = bench.run_measured([sys.executable, "-c", grow], dict(os.environ))
+    assert out.strip() == f"RESULT{300 * 2**20}" and 0.29 < peak_gib < 1.0 and seconds > 0

@@ -69,3 +69,28 @@ def test_the_plan_depends_on_seed_and_epoch_and_resumes_exactly(tmp_path):
     again.load_state_dict(batches.state_dict())  # {"epoch": 1, "batches_done": 3}
     again.set_epoch(1)
     assert list(again) == epoch1[3:]
+
+
+def test_an_epoch_plan_takes_about_four_bytes_a_pair():
+    batches = PairBatches([2_000_000, 10], 32, seed=0, mode="round_robin", batches_done=lambda: 0)
+    plan = batches._epoch_plan()
+    held = sum(a.nbytes for a in (*plan.rows, *plan.bounds, plan.offsets, plan.sequence))
+    assert plan.rows[0].dtype == np.int32 and held / 2_000_010 < 4.5
+    first = next(iter(batches))
+    assert len(first) == 32 and all(isinstance(i, int) for i in first)  # Python ints, as the collate expects
+
+
+def test_hashed_sentence_ids_say_which_sentences_tokenize_alike(tmp_path):
+    from minilm_sts.data.pair_datasets import PairDataset
+    from minilm_sts.data.token_cache import TokenizedPairs
+
+    sentences = [[2, 5, 3], [2, 6, 3], [2, 5, 3], [2, 5, 5, 3], [2, 3], [2, 5, 3], [2, 3, 5]]
+    sentences.append([2, 5, 3])  # 4 pairs
+    offsets = np.cumsum([0] + [len(s) for s in sentences])
+    pairs = TokenizedPairs(np.concatenate(sentences).astype(np.uint16), offsets, np.zeros(4, dtype=np.float32))
+    for block in (1, 3, 1 << 18):
+        ids = PairDataset(pairs).sentence_ids(block=block).ravel()
+        same = ids[:, None] == ids[None, :]
+        expected = np.array([[a == b for b in sentences] for a in sentences])
+        assert np.array_equal(same, expected)
+    assert PairDataset(pairs, rows=np.array([3, 0])).sentence_ids().tolist() == ids.reshape(4, 2)[[3, 0]].tolist()
