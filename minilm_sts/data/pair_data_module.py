@@ -88,6 +88,9 @@ class PairDataModule(L.LightningDataModule):
             with one sentence per line, or a table's `sentence` or `text` column) whose sentences join the set's
             own as distractors. A pair labelled 1 (after `label_scale`) is a duplicate, and its first sentence a
             query. The whole corpus is embedded at every evaluation.
+        retrieval_max_corpus: the most corpus sentences a retrieval set may have (a larger one stops the run
+            before training, as embedding it at every validation would take longer than the training itself
+            at any usual `val_check_interval`); raise it to score a larger corpus anyway.
     """
 
     def __init__(
@@ -107,6 +110,7 @@ class PairDataModule(L.LightningDataModule):
         forgetting_guard: bool = True,
         retrieval: Union[list[str], dict[str, Optional[str]], None] = None,
         num_proc: Optional[int] = None,
+        retrieval_max_corpus: int = 1_000_000,
     ):
         super().__init__()
         if batch_size < 1:
@@ -215,6 +219,11 @@ class PairDataModule(L.LightningDataModule):
             task = DuplicateRetrieval.from_pairs(table.sentences_a, table.sentences_b, table.labels, corpus)
         except ValueError as err:
             raise PairDataError(f"{source}: cannot score it as duplicate retrieval: {err}") from None
+        limit = self.hparams.retrieval_max_corpus
+        if len(task.corpus) > limit:
+            raise PairDataError(f"{source}: scored as duplicate retrieval, its corpus of {len(task.corpus):,} "
+                                "sentences would be embedded at every validation, above retrieval_max_corpus="
+                                f"{limit:,}; raise --data.retrieval_max_corpus to score it anyway")
         rank_zero_info(f"{split}: {name} also scored as duplicate retrieval: {len(task.queries):,} queries, "
                        f"{len(task.corpus):,} corpus sentences")
         return task

@@ -86,6 +86,23 @@ def test_a_retrieval_set_without_a_duplicate_stops_the_run_before_training(tiny_
     assert trainer.global_step == 0
 
 
+def test_a_retrieval_corpus_beyond_the_stated_size_stops_the_run_before_training(tiny_model_dir, pair_files, tmp_path):
+    from transformers import AutoTokenizer
+
+    duplicates = write_tsv(tmp_path / "dup.tsv", [[f"a dog {i}", f"a cat {i}", float(i % 2)] for i in range(12)])
+    for limit in (23, 24):
+        data = PairDataModule(str(pair_files["train"]), str(duplicates), retrieval=["dup"], forgetting_guard=False,
+                              retrieval_max_corpus=limit)
+        data.tokenize_with(AutoTokenizer.from_pretrained(str(tiny_model_dir)), 16)
+        if limit == 23:
+            with pytest.raises(UserInputError, match=r"dup.tsv: scored as duplicate retrieval, its corpus of 24 "
+                                                     r"sentences would be embedded .* above retrieval_max_corpus=23"):
+                data.setup("fit")
+        else:
+            data.setup("fit")
+            assert len(data.retrieval_task("val", "dup").corpus) == 24
+
+
 def test_set_up_by_hand_it_asks_for_its_tokenizer_then_works(tiny_model_dir, pair_files):
     from transformers import AutoTokenizer
 
