@@ -95,13 +95,15 @@ def _prepare(entry: Path, chunks: "ChunkFolder", source: Source, options: ReadOp
         chunks.tokenize(source, options, tokenizer, max_length, num_proc, share)
         share.barrier()
         if share.local_rank == 0:
-            if share.world > 1:  # chunks written on another machine, when the cache folder is not shared
+            if chunks.missing():  # written on another machine, to a cache folder that this one cannot see
                 chunks.tokenize(source, options, tokenizer, max_length, num_proc, Share())
             chunks.assemble()
     except PairDataError:
         chunks.remove()  # a source with bad rows is fixed by changing it, which changes its key
         raise
-    share.barrier()
+    share.barrier()  # every machine's entry is whole: no process reads the chunks any more
+    if share.local_rank == 0:
+        chunks.remove()
 
 
 class ChunkFolder:
@@ -116,6 +118,9 @@ class ChunkFolder:
     def part(self, index: int) -> Path:
         return self.folder / f"{index:07d}"
 
+    def missing(self) -> bool:
+        return not all(self.part(index).is_dir() for index in range(self.count))
+
     def tokenize(self, source: Source, options: ReadOptions, tokenizer, max_length: int, num_proc: int | None,
                  share: Share) -> None:
         """Tokenize this process's chunks that are not on disk yet (all chunks are read: a chunk's rows are
@@ -129,7 +134,7 @@ class ChunkFolder:
                 self.count = index + 1
 
     def assemble(self) -> None:
-        """Write the chunks end to end as the entry's arrays, one chunk in memory at a time, then drop them."""
+        """Write the chunks end to end as the entry's arrays, one chunk in memory at a time."""
         metas = [json.loads((self.part(i) / "meta.json").read_text()) for i in range(self.count)]
         pairs, tokens = sum(m["pairs"] for m in metas), sum(m["tokens"] for m in metas)
         id_type = np.load(self.part(0) / "ids.npy", mmap_mode="r").dtype
@@ -150,7 +155,6 @@ class ChunkFolder:
             del ids, offsets, labels
             meta = {"pairs": pairs, **{key: sum(m[key] for m in metas) for key in META}}
             (staging / "meta.json").write_text(json.dumps(meta))
-        self.remove()
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
