@@ -1,5 +1,5 @@
-"""`python -m minilm_sts fit|validate|test` (LightningCLI), plus `export`, `predict` and `build-pairs`. A mistake
-in what the user gave ends any of them with one message."""
+"""`python -m minilm_sts fit|validate|test` (LightningCLI), plus `export`, `predict`, `build-pairs` and
+`mine-negatives`. A mistake in what the user gave ends any of them with one message."""
 
 from __future__ import annotations
 
@@ -59,6 +59,10 @@ def run_command(command_line: list[str], from_argv: bool) -> MiniLMCLI | None:
         from minilm_sts.data.stackexchange import build_pairs_command
 
         return build_pairs_command(command_line[1:])
+    if command_line[:1] == ["mine-negatives"]:
+        from minilm_sts.cli.mine_negatives import mine_negatives_command
+
+        return mine_negatives_command(command_line[1:])
     if command_line[:1] == ["predict"]:
         from minilm_sts.serving.predict import predict_command
 

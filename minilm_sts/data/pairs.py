@@ -189,6 +189,11 @@ def read_sentences(source: str | Source, column: str | None = None) -> list[str]
     return _checked_sentences(source.text, raw, column)
 
 
+def column_names(source: str | Source) -> list[str]:
+    """The names of the source's columns (the source is read whole)."""
+    return list(_read_raw(parse_source(source)).columns)
+
+
 def read_unlabelled_pairs(source: str | Source,
                           sentence_columns: Sequence[str] | None = None) -> tuple[list[str], list[str]] | None:
     """The two sentence columns of `source`, or None when it has no recognisable pair of sentence columns."""

@@ -8,6 +8,7 @@ of questions' titles, never with the size of Posts.xml.
 
 from __future__ import annotations
 
+import functools
 import html
 import random
 import xml.etree.ElementTree as ET
@@ -112,7 +113,7 @@ def positives_of(site: Site, summary: Summary) -> list[tuple[str, str]]:
 
 
 class Clusters:
-    """Union-find over lowercased titles: a cluster is a connected component of the duplicate graph."""
+    """Union-find over strings (here lowercased titles): a cluster is a connected component of the duplicate graph."""
 
     def __init__(self):
         self.parent: dict[str, str] = {}
@@ -238,11 +239,11 @@ def write_pairs(rows: dict[str, list[tuple]], out_dir: Path, fmt: str = "tsv", w
     return written
 
 
-def _write_tsv(path: Path, columns: list[str], records: list[tuple]) -> None:
+def _write_tsv(path: Path, columns: list[str], records: list[tuple], delimiter: str = "\t") -> None:
     import csv
 
     with open(path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle, delimiter="\t", lineterminator="\n")
+        writer = csv.writer(handle, delimiter=delimiter, lineterminator="\n")
         writer.writerow(columns)
         writer.writerows(records)
 
@@ -261,7 +262,8 @@ def _write_parquet(path: Path, columns: list[str], records: list[tuple]) -> None
     pq.write_table(pa.table({c: [r[i] for r in records] for i, c in enumerate(columns)}), path)
 
 
-PAIR_WRITERS = {"tsv": _write_tsv, "jsonl": _write_jsonl, "parquet": _write_parquet}
+PAIR_WRITERS = {"tsv": _write_tsv, "csv": functools.partial(_write_tsv, delimiter=","), "jsonl": _write_jsonl,
+                "parquet": _write_parquet}
 
 
 def build_pairs_command(args: list[str]) -> None:
