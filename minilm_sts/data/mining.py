@@ -106,6 +106,8 @@ def read_positive_pairs(source: str, label_scale: float = 1.0,
     label or score column (an (anchor, positive) file, as sentence-transformers mines from). `id_columns` name two
     columns of question ids: texts that share an id join one cluster, whatever their wording."""
     columns = column_names(source)
+    if id_columns and not set(id_columns) <= set(columns):
+        raise UserInputError(f"{source}: id columns {list(id_columns)} not found; the columns are {columns}")
     if any(name in columns for name in LABEL_COLUMN_CHOICES):
         table = read_pairs(source, label_scale=label_scale)
         rows = list(zip(table.sentences_a, table.sentences_b))
@@ -150,7 +152,7 @@ class Mined:
     dropped: Counter
     num_negatives: int
     corpus_size: int
-    range_max: int
+    rank_range: tuple[int, int]
 
     @property
     def kept(self) -> int:
@@ -159,7 +161,8 @@ class Mined:
     def summary_lines(self) -> list[str]:
         dropped = ", ".join(f"{n:,} {why}" for why, n in sorted(self.dropped.items())) or "none"
         return [f"anchors: {len(self.anchors):,} ({sum(map(len, self.positives)):,} positive pairs); "
-                f"corpus: {self.corpus_size:,} sentences; ranks {self.range_max} deep",
+                f"corpus: {self.corpus_size:,} sentences; candidate ranks {self.rank_range[0]} to "
+                f"{self.rank_range[1] - 1}",
                 f"negatives: {self.kept * self.num_negatives:,} ({self.num_negatives} for each of {self.kept:,} "
                 "anchors)",
                 f"anchors dropped: {len(self.anchors) - self.kept:,} ({dropped})"]
@@ -190,7 +193,7 @@ def mine_negatives(model, pairs: PositivePairs, corpus: Sequence[str] | None = N
         negatives += [None if rows is None else [corpus[i] for i in rows] for rows in chosen]
         dropped.update(reason for reason in why if reason)
     return Mined(pairs.anchors, pairs.positives, negatives, dropped, options.num_negatives, len(corpus),
-                 search.range_max)
+                 (options.range_min, search.range_max))
 
 
 def _groups(texts: list[str], clusters: Clusters) -> torch.Tensor:

@@ -90,9 +90,9 @@ def test_an_anchor_short_of_candidates_is_dropped_with_its_reason(one_anchor):
 
 def test_the_default_range_max_is_sentence_transformers(one_anchor):
     """range_min + num_negatives (x10 under a margin) + the most positives of any anchor (here 1)."""
-    assert mine_negatives(SetCosines(COSINES), one_anchor, options=MiningOptions(num_negatives=2)).range_max == 3
+    assert mine_negatives(SetCosines(COSINES), one_anchor, options=MiningOptions(num_negatives=2)).rank_range == (0, 3)
     with_margin = MiningOptions(num_negatives=2, range_min=1, absolute_margin=0.0)
-    assert mine_negatives(SetCosines(COSINES), one_anchor, options=with_margin).range_max == 22
+    assert mine_negatives(SetCosines(COSINES), one_anchor, options=with_margin).rank_range == (1, 22)
 
 
 def test_cluster_masking_leaves_out_a_duplicate_of_a_duplicate(tmp_path):
