@@ -52,6 +52,12 @@ def test_triplets_are_written_with_a_report(tiny_model_dir, pairs_file, tmp_path
     assert "Encoding" in out.err and "Searching" in out.err  # the progress bars
 
 
+def test_the_default_model_is_the_base_all_minilm_l6_v2(real_model_dir, pairs_file, tmp_path):
+    mine(pairs_file, "--output", tmp_path / "default.tsv")
+    mine(pairs_file, "--output", tmp_path / "named.tsv", model=real_model_dir)
+    assert (tmp_path / "default.tsv").read_text() == (tmp_path / "named.tsv").read_text()
+
+
 def test_the_pairs_format_trains_with_cosent(tiny_model_dir, pairs_file, tmp_path, monkeypatch):
     mine(pairs_file, "--output", tmp_path / "mined.jsonl", "--output-format", "pairs", model=tiny_model_dir)
     table = read_pairs(str(tmp_path / "mined.jsonl"))

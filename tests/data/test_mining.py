@@ -166,6 +166,18 @@ def test_both_output_formats(one_anchor, tmp_path):
         assert (table.sentences_b, table.labels) == (["P", "N90", "N79"], [1.0, 0.0, 0.0])
 
 
+def test_a_failed_write_leaves_no_file(one_anchor, tmp_path, monkeypatch):
+    def broken(path, columns, records):
+        path.write_text("half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setitem(mining.PAIR_WRITERS, "tsv", broken)
+    mined = mine_negatives(SetCosines(COSINES), one_anchor, options=MiningOptions(num_negatives=2))
+    with pytest.raises(OSError, match="disk full"):
+        write_mined(mined, tmp_path / "out.tsv")
+    assert list(tmp_path.iterdir()) == [tmp_path / "pairs.tsv"]
+
+
 @pytest.mark.parametrize("options, message", [
     ({"num_negatives": 0}, "num_negatives must be at least 1, got 0"),
     ({"range_min": -1}, "range_min must be at least 0"),
@@ -177,3 +189,98 @@ def test_both_output_formats(one_anchor, tmp_path):
 def test_bad_options_are_refused(options, message):
     with pytest.raises(UserInputError, match=message):
         MiningOptions(**options).check()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Parity with sentence-transformers' mine_hard_negatives on the real weights
+
+TIE = 1e-6  # scores this close may rank either way: the two libraries' embeddings differ in the last bits
+
+
+@pytest.fixture(scope="module")
+def stsb_positives(tmp_path_factory):
+    """STS-B dev with its pairs scored >= 0.8 (4 of 5) as positives, each once and none a sentence paired with itself
+    (sentence-transformers counts rows, not distinct positives, when it sizes its window); the other rows keep their
+    labels and bring their sentences into the corpus: 262 anchors, 2,909 sentences."""
+    table = read_pairs("builtin:stsb/dev")
+    rows, seen = [], set()
+    for a, b, label in zip(table.sentences_a, table.sentences_b, table.labels):
+        if label >= 0.8 and (a == b or (a, b) in seen):
+            continue
+        seen.add((a, b))
+        rows.append([a, b, 1.0 if label >= 0.8 else label])
+    return read_positive_pairs(str(write_tsv(tmp_path_factory.mktemp("stsb") / "dev.tsv", rows)))
+
+
+class Cached:
+    """An encoder that embeds a list of sentences once, however many mining runs ask for it."""
+
+    def __init__(self, model):
+        self.model, self.done = model, {}
+
+    def encode(self, sentences, **kwargs):
+        key = tuple(sentences)
+        if key not in self.done:
+            self.done[key] = self.model.encode(sentences, **kwargs)
+        return self.done[key]
+
+
+@pytest.fixture(scope="module")
+def cached_ours(ours):
+    return Cached(ours)
+
+
+def their_negatives(reference, pairs, options, cache_folder) -> dict[str, list[str]]:
+    from datasets import Dataset
+    from sentence_transformers.util import mine_hard_negatives
+
+    rows = [(a, p) for a, positives in zip(pairs.anchors, pairs.positives) for p in positives]
+    dataset = Dataset.from_dict({"anchor": [a for a, _ in rows], "positive": [p for _, p in rows]})
+    mined = mine_hard_negatives(dataset, reference, corpus=pairs.sentences, output_format="n-tuple",
+                                sampling_strategy="top", verbose=False, cache_folder=str(cache_folder), **options)
+    k = options["num_negatives"]
+    return {row["anchor"]: [row[f"negative_{i}"] for i in range(1, k + 1)] for row in mined}
+
+
+def unexplained(anchor_embedding, ours, theirs, embeddings, thresholds) -> list[str]:
+    """The candidates chosen by one side only whose score ties neither a candidate chosen by the other side only
+    nor a margin's threshold."""
+    only_ours, only_theirs = set(ours or ()) - set(theirs or ()), set(theirs or ()) - set(ours or ())
+
+    def score(text):
+        return float(anchor_embedding @ embeddings[text])
+
+    def tied(text, others):
+        return any(abs(score(text) - score(other)) <= TIE for other in others) or any(
+            abs(score(text) - threshold) <= TIE for threshold in thresholds)
+
+    return [x for x in only_ours if not tied(x, only_theirs)] + [x for x in only_theirs if not tied(x, only_ours)]
+
+
+@pytest.mark.parity
+@pytest.mark.slow
+@pytest.mark.parametrize("options", [
+    {"num_negatives": 3},
+    {"num_negatives": 5, "range_min": 2, "relative_margin": 0.05},
+    {"num_negatives": 4, "range_min": 1, "range_max": 30, "absolute_margin": 0.1},
+    {"num_negatives": 3, "absolute_margin": 0.02, "relative_margin": 0.1},
+])
+def test_without_cluster_masking_the_negatives_are_sentence_transformers(reference, cached_ours, stsb_positives,
+                                                                         tmp_path_factory, options):
+    pairs = stsb_positives
+    mined = mine_negatives(cached_ours, pairs, options=MiningOptions(cluster_masking=False, **options))
+    theirs = their_negatives(reference, pairs, options, tmp_path_factory.getbasetemp() / "st-embeddings")
+    texts = list(dict.fromkeys([*pairs.sentences, *pairs.anchors]))
+    embeddings = dict(zip(texts, cached_ours.encode(texts)))
+    differing, unexplained_ones = 0, []
+    for anchor, positives, negatives in zip(pairs.anchors, pairs.positives, mined.negatives):
+        if set(negatives or ()) == set(theirs.get(anchor, ())):
+            continue
+        differing += 1
+        hardest = min(float(embeddings[anchor] @ embeddings[p]) for p in positives)
+        thresholds = [hardest - options.get("absolute_margin", 0),
+                      hardest - abs(hardest) * options.get("relative_margin", 0)]
+        unexplained_ones += unexplained(embeddings[anchor], negatives, theirs.get(anchor), embeddings, thresholds)
+    assert len(pairs.anchors) == 262 and mined.kept == len(theirs) > 200
+    assert not unexplained_ones, f"{differing} anchors differ; not by a tie: {unexplained_ones}"
+    print(f"{differing} of {len(pairs.anchors)} anchors differ, each by a tie")
