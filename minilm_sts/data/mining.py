@@ -219,10 +219,11 @@ class _Search:
         # The margin is to the anchor's least similar positive, as in sentence-transformers: the safer choice.
         self.hardest_positive = torch.full((len(anchors),), float("inf")).scatter_reduce(0, owner, scores, "amin")
         self.range_max = options.settled_range_max(int(lengths.max()))
+        # Texts left out for each anchor: those of its group, and its positives outside it (none under masking).
+        # The window is as much deeper than range_max as the most of any anchor, as in sentence-transformers.
         outside = (group[flat] != group[anchors[owner]]).long()
-        excluded = torch.bincount(group)[group[anchors]] + torch.zeros(len(anchors), dtype=torch.long).index_add(
-            0, owner, outside)
-        self.window = min(self.range_max + int(excluded.max()), corpus_size)
+        left_out = torch.bincount(group)[group[anchors]].index_add(0, owner, outside)
+        self.window = min(self.range_max + int(left_out.max()), corpus_size)
 
     def blocks(self) -> list[tuple[int, int]]:
         size = max(1, min(ANCHOR_BLOCK, GATHER_FLOATS // (self.window * self.corpus.shape[1])))

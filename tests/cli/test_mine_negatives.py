@@ -53,8 +53,8 @@ def test_triplets_are_written_with_a_report(tiny_model_dir, pairs_file, tmp_path
 
 
 def test_the_default_model_is_the_base_all_minilm_l6_v2(real_model_dir, pairs_file, tmp_path):
-    mine(pairs_file, "--output", tmp_path / "default.tsv")
-    mine(pairs_file, "--output", tmp_path / "named.tsv", model=real_model_dir)
+    mine(pairs_file, "--output", tmp_path / "default.tsv", "--output-format", "pairs")  # as the README gives it
+    mine(pairs_file, "--output", tmp_path / "named.tsv", "--output-format", "pairs", model=real_model_dir)
     assert (tmp_path / "default.tsv").read_text() == (tmp_path / "named.tsv").read_text()
 
 
@@ -76,16 +76,25 @@ def test_the_pairs_format_trains_with_cosent(tiny_model_dir, pairs_file, tmp_pat
 
 
 def test_random_sampling_writes_the_same_file_twice(tiny_model_dir, pairs_file, tmp_path):
-    for name in ("first.tsv", "second.tsv"):
-        mine(pairs_file, "--output", tmp_path / name, "--sampling-strategy", "random", "--range-max", "8",
-             "--seed", "3", model=tiny_model_dir)
+    for name, seed in (("first.tsv", ["--seed", "3"]), ("second.tsv", ["--seed", "3"]), ("42.tsv", ["--seed", "42"]),
+                       ("default.tsv", [])):
+        mine(pairs_file, "--output", tmp_path / name, "--sampling-strategy", "random", "--range-max", "8", *seed,
+             model=tiny_model_dir)
     assert (tmp_path / "first.tsv").read_bytes() == (tmp_path / "second.tsv").read_bytes()
+    assert (tmp_path / "42.tsv").read_bytes() == (tmp_path / "default.tsv").read_bytes()
+    assert (tmp_path / "42.tsv").read_bytes() != (tmp_path / "first.tsv").read_bytes()
 
 
-def test_a_corpus_file_gives_the_candidates(tiny_model_dir, pairs_file, tmp_path):
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n".join(POOL[5:9] + [POOL[1]]) + "\n")
-    mine(pairs_file, "--output", tmp_path / "mined.csv", "--corpus", corpus, "--num-negatives", "5",
+@pytest.mark.parametrize("kind", ["txt", "table"])
+def test_a_corpus_file_gives_the_candidates(tiny_model_dir, pairs_file, tmp_path, kind):
+    if kind == "txt":
+        corpus, column = tmp_path / "corpus.txt", []
+        corpus.write_text("\n".join(POOL[5:9] + [POOL[1]]) + "\n")
+    else:
+        corpus = write_tsv(tmp_path / "corpus.tsv", [[s, i] for i, s in enumerate(POOL[5:9] + [POOL[1]])],
+                           header=("question", "id"))
+        column = ["--corpus-column", "question"]
+    mine(pairs_file, "--output", tmp_path / "mined.csv", "--corpus", corpus, *column, "--num-negatives", "5",
          model=tiny_model_dir)
     with open(tmp_path / "mined.csv", newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))

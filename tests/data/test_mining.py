@@ -141,6 +141,16 @@ def test_random_sampling_draws_in_the_range_and_repeats_with_its_seed(tmp_path, 
     assert draw(1) == first
 
 
+def test_blocks_of_any_size_find_the_same_negatives(tmp_path, monkeypatch):
+    rows = [[f"A{i}", f"P{i}", 1.0] for i in range(5)] + [[f"X{i}", f"Y{i}", 0.0] for i in range(10)]
+    pairs = read_positive_pairs(str(write_tsv(tmp_path / "pairs.tsv", rows)))
+    cosines = {f"X{i}": 0.6 - i / 100 for i in range(10)}
+    whole = negatives(pairs, cosines, num_negatives=4)
+    monkeypatch.setattr(mining, "ANCHOR_BLOCK", 2)
+    assert negatives(pairs, cosines, num_negatives=4) == whole
+    assert whole[0] == ["A1", "A2", "A3", "A4"] and whole[4] == ["A0", "A1", "A2", "A3"]  # ties: earlier first
+
+
 def test_an_unlabelled_file_is_all_positive_pairs(tmp_path):
     path = write_tsv(tmp_path / "pairs.tsv", [["A", "P"], ["N90", "N79"]], header=("sentence_0", "sentence_1"))
     pairs = read_positive_pairs(str(path))
