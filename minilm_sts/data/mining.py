@@ -90,13 +90,10 @@ class PositivePairs:
     sentences: list[str]  # every distinct sentence of the source, both columns, every row
     clusters: Clusters  # keyed by `cluster_key`
 
-    @property
-    def pair_count(self) -> int:
-        return sum(map(len, self.positives))
-
 
 def cluster_key(text: str) -> str:
-    """The base model is uncased and blind to spacing, so texts that differ only there embed alike: one sentence."""
+    """Texts that differ only in case or spacing are one sentence: an uncased tokenizer (the base model's) gives
+    them the same tokens."""
     return " ".join(text.lower().split())
 
 

@@ -128,6 +128,7 @@ def test_an_existing_output_is_kept_unless_overwrite(tiny_model_dir, pairs_file,
 @pytest.mark.parametrize("args, message", [
     (["{tmp}/missing.tsv"], "missing.tsv: file not found"),
     (["{labels_0}"], "no positive pairs (label >= 1 after dividing by label_scale=1)"),
+    (["{no_columns}"], "no sentence columns (sentence_0 and sentence_1, or sentence1 and sentence2)"),
     (["{pairs}", "--num-negatives", "0"], "num_negatives must be at least 1, got 0"),
     (["{pairs}", "--range-min", "2", "--range-max", "4"], "the rank range [2, 4) holds fewer than num_negatives=3"),
     (["{pairs}", "--relative-margin", "-0.05"], "relative_margin must be a number >= 0, got -0.05"),
@@ -139,14 +140,15 @@ def test_an_existing_output_is_kept_unless_overwrite(tiny_model_dir, pairs_file,
 ])
 def test_a_mistake_is_one_error_line_and_writes_nothing(tiny_model_dir, pairs_file, tmp_path, capsys, args, message):
     labels_0 = write_tsv(tmp_path / "labels_0.tsv", [[POOL[0], POOL[1], 0.5]])
-    values = {"tmp": tmp_path, "pairs": pairs_file, "labels_0": labels_0}
+    no_columns = write_tsv(tmp_path / "no_columns.tsv", [[POOL[0], POOL[1]]], header=("q1", "q2"))
+    values = {"tmp": tmp_path, "pairs": pairs_file, "labels_0": labels_0, "no_columns": no_columns}
     args = [arg.format(**values) for arg in args]
     output = [] if "--output" in args else ["--output", str(tmp_path / "mined.tsv")]
     with pytest.raises(SystemExit) as exit:
         mine(*args, *output, model=tiny_model_dir)
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert exit.value.code == 2 and len(errors) == 1 and message in errors[0]
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["labels_0.tsv", "pairs.tsv"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["labels_0.tsv", "no_columns.tsv", "pairs.tsv"]
 
 
 def test_the_command_line_exits_with_status_2_and_no_traceback(tmp_path):
