@@ -1,7 +1,7 @@
 """Hard negatives for positive pairs: for each anchor, the corpus sentences most similar to it by cosine that are
 not duplicates of it, found by an exact search in blocks.
 
-The selection follows sentence-transformers' `mine_hard_negatives` (a rank range, margins to the positive's
+The selection follows sentence-transformers 6.x's `mine_hard_negatives` (a rank range, margins to the positive's
 score, the top candidates or a random draw among them), with one difference by design: by default no sentence of
 the anchor's duplicate cluster (the connected component of the positive-pair graph) is a negative, where
 sentence-transformers leaves out only the anchor itself and its own positives. `cluster_masking=False` does as

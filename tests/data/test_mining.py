@@ -3,6 +3,7 @@ vector is `cosine` times the anchor's direction plus a direction of its own, so 
 exactly what the test says."""
 
 import math
+from importlib.metadata import version
 
 import pytest
 import torch
@@ -277,6 +278,9 @@ def unexplained(anchor_embedding, ours, theirs, embeddings, thresholds) -> list[
 ])
 def test_without_cluster_masking_the_negatives_are_sentence_transformers(reference, cached_ours, stsb_positives,
                                                                          tmp_path_factory, options):
+    if int(version("sentence-transformers").split(".")[0]) < 6:
+        pytest.skip("sentence-transformers 5.x's mine_hard_negatives does not leave the anchor itself out of its "
+                    "candidates (6.x does, and looks one rank deeper for it)")
     pairs = stsb_positives
     mined = mine_negatives(cached_ours, pairs, options=MiningOptions(cluster_masking=False, **options))
     theirs = their_negatives(reference, pairs, options, tmp_path_factory.getbasetemp() / "st-embeddings")
