@@ -49,16 +49,20 @@ def client_python() -> Path:
     return python
 
 
-def encode(folder: Path, files: list[str], sentences: list[str], work: Path, time_batches=()) -> dict:
+def encode(folder: Path, files: list[str], sentences: list[str], work: Path, time_batches=(), timed: int = 0,
+           timed_at_batch_1: int = 0, rounds: int = 1) -> dict:
     """Each ONNX file's embeddings of `sentences` by sentence-transformers' ONNX backend in the client
-    environment ({file: array}), its versions and, for `time_batches`, sentences per second at each batch size."""
+    environment ({file: array}), its versions and, for `time_batches`, sentences per second at each batch size
+    (best of `rounds` encodes of the first `timed` sentences, the first `timed_at_batch_1` at batch 1)."""
     import numpy as np
 
     work.mkdir(parents=True, exist_ok=True)
     (work / "sentences.json").write_text(json.dumps(sentences))
     command = [str(client_python()), __file__, str(folder), str(work / "sentences.json"), str(work)]
     command += [arg for file in files for arg in ("--file", file)]
-    command += ["--time", *map(str, time_batches)] if time_batches else []
+    if time_batches:
+        command += ["--time", *map(str, time_batches), "--timed", str(timed), "--timed-at-batch-1",
+                    str(timed_at_batch_1), "--rounds", str(rounds)]
     subprocess.run(command, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     report = json.loads((work / "client.json").read_text())
     report["embeddings"] = {file: np.load(work / f"{i}.npy") for i, file in enumerate(files)}
@@ -81,16 +85,22 @@ def run_client(args: argparse.Namespace) -> None:
     for i, file in enumerate(args.file):
         model = SentenceTransformer(args.folder, device="cpu", backend="onnx", model_kwargs={"file_name": file})
         np.save(Path(args.out) / f"{i}.npy", model.encode(sentences, batch_size=32, convert_to_numpy=True))
-        report["sentences_per_second"][file] = {size: _rate(model, sentences, size) for size in args.time}
+        timed = sentences[: args.timed]
+        report["sentences_per_second"][file] = {
+            size: _rate(model, timed[: args.timed_at_batch_1] if size == 1 else timed, size, args.rounds)
+            for size in args.time}
     (Path(args.out) / "client.json").write_text(json.dumps(report, indent=2))
 
 
-def _rate(model, sentences: list[str], batch_size: int) -> float:
-    """Sentences per second of one encode of `sentences`, after a warm-up batch."""
+def _rate(model, sentences: list[str], batch_size: int, rounds: int) -> float:
+    """Best sentences per second of `rounds` encodes of `sentences`, after a warm-up batch (as bench_deploy's)."""
     model.encode(sentences[:batch_size], batch_size=batch_size)
-    started = time.perf_counter()
-    model.encode(sentences, batch_size=batch_size)
-    return len(sentences) / (time.perf_counter() - started)
+    seconds = []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        model.encode(sentences, batch_size=batch_size)
+        seconds.append(time.perf_counter() - started)
+    return len(sentences) / min(seconds)
 
 
 def _version(distribution: str) -> str:
@@ -106,4 +116,7 @@ if __name__ == "__main__":
     parser.add_argument("out", help="where the embeddings (<i>.npy, i the file's position) and client.json go")
     parser.add_argument("--file", action="append", required=True, help="an ONNX file of the folder (onnx/model.onnx)")
     parser.add_argument("--time", type=int, nargs="*", default=[], help="batch sizes to time")
+    parser.add_argument("--timed", type=int, default=0, help="how many of the sentences each timed encode takes")
+    parser.add_argument("--timed-at-batch-1", type=int, default=0, help="the same at batch 1")
+    parser.add_argument("--rounds", type=int, default=1)
     run_client(parser.parse_args())

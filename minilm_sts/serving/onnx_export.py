@@ -14,6 +14,7 @@ import importlib
 import logging
 import platform
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,14 +91,27 @@ def export_onnx(encoder: SentenceEncoder, folder: Path) -> Path:
     longest = encoder.bert.config.max_position_embeddings
     batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence", max=longest)
     axes = {0: batch, 1: sequence}
-    with torch.enable_grad(), warnings.catch_warnings():
-        # The exporter's notes that both inputs share the batch and sequence axes (they are meant to).
-        warnings.filterwarnings("ignore", message=r"# The axis name: \w+ will not be used", category=UserWarning)
+    with torch.enable_grad(), _quiet_exporter():
         torch.onnx.export(graph, example, str(path), dynamo=True, external_data=False, opset_version=OPSET,
                           verbose=False, input_names=["input_ids", "attention_mask", "token_type_ids"],
                           output_names=["last_hidden_state"],
                           dynamic_shapes={"input_ids": axes, "attention_mask": axes, "token_type_ids": axes})
     return path
+
+
+@contextmanager
+def _quiet_exporter():
+    """Silence the exporter's notes that both inputs share the batch and sequence axes (they are meant to) and
+    that torchvision's operators are not registered (a BERT has none)."""
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"# The axis name: \w+ will not be used", category=UserWarning)
+            yield
+    finally:
+        registration.setLevel(level)
 
 
 def quantization_arch() -> str:
