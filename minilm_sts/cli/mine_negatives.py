@@ -76,14 +76,16 @@ def _parser() -> argparse.ArgumentParser:
                         help="leave out only the anchor and its own positives, as sentence-transformers does, "
                              "not its whole duplicate cluster")
     parser.add_argument("--num-negatives", type=int, default=3, help="negatives per anchor (default 3)")
-    parser.add_argument("--range-min", type=int, default=0, help="skip this many best candidates (default 0)")
+    parser.add_argument("--range-min", type=int, default=0,
+                        help="skip this many best candidates, counted after the margins (default 0)")
     parser.add_argument("--range-max", type=int, default=None,
                         help="consider candidates ranked below this; default range-min + num-negatives (x10 under "
                              "a margin) + the most positives of an anchor")
     parser.add_argument("--absolute-margin", type=float, default=None,
-                        help="keep a candidate only if its score + this <= the anchor's positive score")
+                        help="keep a candidate only if its score + this <= P, the score of the anchor's least "
+                             "similar positive")
     parser.add_argument("--relative-margin", type=float, default=None,
-                        help="keep a candidate only if its score <= positive score - |positive score| x this")
+                        help="keep a candidate only if its score <= P - |P| x this")
     parser.add_argument("--sampling-strategy", choices=SAMPLING_STRATEGIES, default="top",
                         help="top: the best candidates; random: a draw among the candidates in the range")
     parser.add_argument("--seed", type=int, default=42, help="seed of --sampling-strategy random (default 42)")

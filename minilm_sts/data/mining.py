@@ -223,14 +223,14 @@ class _Search:
         self.window = min(self.range_max + int(left_out.max()), corpus_size)
 
     def blocks(self) -> list[tuple[int, int]]:
-        size = max(1, min(ANCHOR_BLOCK, GATHER_FLOATS // (self.window * self.corpus.shape[1])))
-        return [(start, min(start + size, len(self.anchors))) for start in range(0, len(self.anchors), size)]
+        starts = range(0, len(self.anchors), ANCHOR_BLOCK)
+        return [(start, min(start + ANCHOR_BLOCK, len(self.anchors))) for start in starts]
 
     def block(self, start: int, stop: int) -> tuple[list[list[int] | None], list[str | None]]:
         """For anchors start..stop-1: the corpus rows of their negatives (None if dropped) and why dropped."""
         rows = self.anchors[start:stop]
         window = top_k_search(self.embeddings[rows], self.corpus, self.window)
-        scores = torch.einsum("bd,bkd->bk", self.embeddings[rows], self.corpus[window])
+        scores = self._scores(rows, window)
         numbers = torch.arange(start, stop)[:, None]
         left_out = (self.group[window] == self.group[rows][:, None]) | torch.isin(
             numbers * self.stride + window, self.positive_keys)
@@ -242,6 +242,14 @@ class _Search:
             chosen.append(window[i, self._pick(places, start + i)].tolist() if enough else None)
             why.append(None if enough else self._why_short(left_out[i]))
         return chosen, why
+
+    def _scores(self, rows: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
+        """Each anchor's scores against its window, for a few anchors at a time: their candidates' embeddings are
+        gathered (at most GATHER_FLOATS floats)."""
+        step = max(1, GATHER_FLOATS // (window.shape[1] * self.corpus.shape[1]))
+        parts = [torch.einsum("bd,bkd->bk", self.embeddings[rows[i : i + step]], self.corpus[window[i : i + step]])
+                 for i in range(0, len(rows), step)]
+        return torch.cat(parts)
 
     def _past_margins(self, scores: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
         keep = torch.ones_like(scores, dtype=torch.bool)

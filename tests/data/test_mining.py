@@ -149,6 +149,8 @@ def test_blocks_of_any_size_find_the_same_negatives(tmp_path, monkeypatch):
     whole = negatives(pairs, cosines, num_negatives=4)
     monkeypatch.setattr(mining, "ANCHOR_BLOCK", 2)
     assert negatives(pairs, cosines, num_negatives=4) == whole
+    monkeypatch.setattr(mining, "GATHER_FLOATS", 1)  # scores gathered one anchor at a time
+    assert negatives(pairs, cosines, num_negatives=4) == whole
     assert whole[0] == ["A1", "A2", "A3", "A4"] and whole[4] == ["A0", "A1", "A2", "A3"]  # ties: earlier first
 
 
