@@ -12,6 +12,8 @@ from torch.utils.data import DataLoader, Dataset
 from minilm_sts.data.token_cache import TokenizedPairs
 from minilm_sts.model.bert import PackedLayout
 
+RELEASE_EVERY = 16  # batches: at most about 16 x 128 reads (ids, offsets) x 64 KB = 128 MB of cache pages mapped
+
 
 class PairDataset(Dataset):
     """Index i is pair `rows[i]` (every pair of `pairs` by default); `collate` turns a list of indices into one
@@ -20,6 +22,7 @@ class PairDataset(Dataset):
     def __init__(self, pairs: TokenizedPairs, rows: Optional[np.ndarray] = None):
         self.pairs = pairs
         self.rows = np.arange(len(pairs)) if rows is None else rows
+        self.batches_made = 0  # in this process: every RELEASE_EVERY batches, the cache pages read are let go
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -31,6 +34,9 @@ class PairDataset(Dataset):
         """Sentence A of each pair, then sentence B of each, packed end to end with no padding: one encoder call
         embeds both columns, `lengths` says where each sentence ends, and `layout` is the encoder's bookkeeping
         for them (its `batch_layout`), made here in the loader so that the training step never waits on it."""
+        self.batches_made += 1
+        if self.batches_made % RELEASE_EVERY == 0:
+            self.pairs.release_pages()  # resident memory stays bounded over an epoch of a large cache entry
         pair_rows = self.rows[indices].astype(np.int64)
         tokens, sizes = sentence_tokens(self.pairs, np.concatenate([2 * pair_rows, 2 * pair_rows + 1]))
         lengths = torch.from_numpy(sizes)

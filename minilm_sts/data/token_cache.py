@@ -11,17 +11,19 @@ entry behind.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import mmap
 import multiprocessing
 import os
 import shutil
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from dataclasses import asdict, dataclass, replace
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import BinaryIO, Callable, Iterator
 
 import numpy as np
-from numpy.lib.format import open_memmap
 from tqdm.auto import tqdm
 
 from minilm_sts.atomic import staged_folder
@@ -48,9 +50,17 @@ class TokenizedPairs:
     labels: np.ndarray
     at_max_length: int = 0  # sentences that reached the max length (and so were most likely truncated)
     dropped: int = 0  # invalid rows left out under drop_invalid
+    maps: list[mmap.mmap] = field(default_factory=list, repr=False, compare=False)  # of a cache entry's files
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def release_pages(self) -> None:
+        """Unmap the entry's pages that this process has read. They are clean pages of the page cache, but the
+        kernel maps 64 KB around every read, so an epoch of random batches would otherwise show the whole entry
+        in this process's resident memory. The next read maps them again from the page cache."""
+        for mapping in self.maps:
+            mapping.madvise(mmap.MADV_DONTNEED)
 
     def sentence(self, k: int) -> np.ndarray:
         return self.ids[self.offsets[k] : self.offsets[k + 1]]
@@ -134,25 +144,25 @@ class ChunkFolder:
                 self.count = index + 1
 
     def assemble(self) -> None:
-        """Write the chunks end to end as the entry's arrays, one chunk in memory at a time."""
+        """Write the chunks end to end as the entry's arrays, one chunk in memory at a time. Plain writes, not
+        a writable memory map: the pages of a mapped file count in this process's resident memory as it fills."""
         metas = [json.loads((self.part(i) / "meta.json").read_text()) for i in range(self.count)]
         pairs, tokens = sum(m["pairs"] for m in metas), sum(m["tokens"] for m in metas)
         id_type = np.load(self.part(0) / "ids.npy", mmap_mode="r").dtype
-        with staged_folder(self.entry, replace=False) as staging:
-            ids = open_memmap(staging / "ids.npy", mode="w+", dtype=id_type, shape=(tokens,))
-            offsets = open_memmap(staging / "offsets.npy", mode="w+", dtype=np.int64, shape=(2 * pairs + 1,))
-            labels = open_memmap(staging / "labels.npy", mode="w+", dtype=np.float32, shape=(pairs,))
-            offsets[0], pair, token = 0, 0, 0
-            for index, meta in enumerate(metas):
+        shapes = {"ids": (id_type, tokens), "offsets": (np.int64, 2 * pairs + 1), "labels": (np.float32, pairs)}
+        with staged_folder(self.entry, replace=False) as staging, ExitStack() as files:
+            out = {name: files.enter_context(_npy_writer(staging / f"{name}.npy", *shape))
+                   for name, shape in shapes.items()}
+            out["offsets"].write(np.zeros(1, dtype=np.int64).tobytes())
+            token = 0
+            for index in range(self.count):
                 part = self.part(index)
                 chunk_ids, lengths = np.load(part / "ids.npy"), np.load(part / "lengths.npy")
-                ids[token : token + len(chunk_ids)] = chunk_ids
-                offsets[2 * pair + 1 : 2 * (pair + meta["pairs"]) + 1] = token + np.cumsum(lengths)
-                labels[pair : pair + meta["pairs"]] = np.load(part / "labels.npy")
-                pair, token = pair + meta["pairs"], token + len(chunk_ids)
-            for array in (ids, offsets, labels):
-                array.flush()
-            del ids, offsets, labels
+                out["ids"].write(chunk_ids.tobytes())
+                out["offsets"].write((token + np.cumsum(lengths, dtype=np.int64)).tobytes())
+                out["labels"].write(np.load(part / "labels.npy").tobytes())
+                token += len(chunk_ids)
+            files.close()
             meta = {"pairs": pairs, **{key: sum(m[key] for m in metas) for key in META}}
             (staging / "meta.json").write_text(json.dumps(meta))
 
@@ -217,6 +227,20 @@ def _worker_context() -> multiprocessing.context.BaseContext:
     return multiprocessing.get_context("fork")
 
 
+@contextmanager
+def _npy_writer(path: Path, dtype, length: int) -> Iterator[BinaryIO]:
+    """A file to write a 1-d array of `length` items of `dtype` into, in pieces: the header np.save writes for
+    such an array, then the items as raw bytes."""
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": (length,)}
+    with open(path, "wb") as handle:
+        np.lib.format.write_array_header_1_0(handle, header)
+        start = handle.tell()
+        yield handle
+        written, expected = handle.tell() - start, length * np.dtype(dtype).itemsize
+        if written != expected:  # chunks that disagree with their counts: never an entry
+            raise OSError(f"{path}: wrote {written:,} bytes of items where the header says {expected:,}")
+
+
 def _processes_per_machine(share: Share) -> int:
     """Processes of this run on this machine, which share its CPUs (torchrun and Lightning set LOCAL_WORLD_SIZE)."""
     return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", share.world)))
@@ -261,14 +285,29 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return json.dumps(definition, sort_keys=True)
 
 
+def _map_file(path: Path) -> mmap.mmap:
+    with open(path, "rb") as handle:
+        return mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+
+
+def _npy_array(mapping: mmap.mmap) -> np.ndarray:
+    """The 1-d array of a mapped .npy file (as np.save writes one), read in place."""
+    header = io.BytesIO(mapping[:4096])
+    version = np.lib.format.read_magic(header)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    (length,), _, dtype = read_header(header)
+    return np.frombuffer(mapping, dtype=dtype, count=length, offset=header.tell())
+
+
 def _read_entry(entry: Path) -> TokenizedPairs | None:
     """The cached pairs, or None when absent or damaged (a damaged entry is removed and rebuilt)."""
     if not entry.is_dir():
         return None
     try:
         meta = json.loads((entry / "meta.json").read_text())
-        arrays = {name: np.load(entry / f"{name}.npy", mmap_mode="r") for name in ARRAYS}
-        pairs = TokenizedPairs(**arrays, **{key: meta[key] for key in META})
+        maps = {name: _map_file(entry / f"{name}.npy") for name in ARRAYS}
+        arrays = {name: _npy_array(mapping) for name, mapping in maps.items()}
+        pairs = TokenizedPairs(**arrays, **{key: meta[key] for key in META}, maps=list(maps.values()))
         consistent = (len(pairs.offsets) == 2 * len(pairs) + 1 and pairs.offsets[-1] == len(pairs.ids)
                       and meta["pairs"] == len(pairs))
     except (OSError, ValueError, KeyError):

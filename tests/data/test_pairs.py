@@ -160,7 +160,8 @@ def test_sources_parse_into_one_kind_of_object_each():
 
 
 def test_missing_file_or_directory_names_the_accepted_types(tmp_path):
-    accepted = r"expected a \.csv, \.tsv, \.jsonl or \.parquet file .*builtin:stsb/SPLIT, or hf:NAME\[:CONFIG\]:SPLIT"
+    accepted = (r"expected a \.csv, \.tsv, \.jsonl or \.parquet file .*builtin:stsb/SPLIT, hf:NAME\[:CONFIG\]:SPLIT or "
+                r"hf\+stream:NAME\[:CONFIG\]:SPLIT")
     with pytest.raises(PairDataError, match=f"missing.tsv: file not found; {accepted}"):
         read_pairs(str(tmp_path / "missing.tsv"))
     with pytest.raises(PairDataError, match=f"{tmp_path} is a directory, not a file; {accepted}"):

@@ -150,3 +150,24 @@ def test_hub_dataset_is_keyed_by_its_fingerprint_and_loaded_once(tokenizer, monk
     assert load_tokenized("hf:org/pairs:en:train", tokenizer, 128).labels.tolist() == [0.25, 1.0]
     monkeypatch.setattr(token_cache, "iter_pair_chunks", lambda *a, **k: pytest.fail("the cached entry was not used"))
     assert load_tokenized("hf:org/pairs:en:train", tokenizer, 128).labels.tolist() == [0.25, 1.0]
+
+
+def test_batches_let_go_of_the_cache_pages_they_read_and_read_them_again(tokenizer, pair_files, monkeypatch,
+                                                                         tmp_path):
+    from minilm_sts.data.pair_datasets import RELEASE_EVERY
+    from minilm_sts.data.token_cache import TokenizedPairs
+
+    monkeypatch.setenv("MINILM_STS_CACHE", str(tmp_path / "cache"))
+    load_tokenized(str(pair_files["train"]), tokenizer, 128)
+    pairs = load_tokenized(str(pair_files["train"]), tokenizer, 128)  # from the entry: memory-mapped
+    assert len(pairs.maps) == 3 and np.array_equal(pairs.ids, np.load(next(cache_root().glob("*/ids.npy"))))
+    dataset = PairDataset(pairs)
+    first = dataset.collate([0, 1, 2])
+    released = []
+    monkeypatch.setattr(pairs, "release_pages", lambda: released.append(dataset.batches_made))
+    for _ in range(2 * RELEASE_EVERY):
+        dataset.collate([3, 4])
+    assert released == [RELEASE_EVERY, 2 * RELEASE_EVERY]
+    TokenizedPairs.release_pages(pairs)  # the real one: unmapped pages are mapped again on the next read
+    again = dataset.collate([0, 1, 2])
+    assert torch.equal(first["input_ids"], again["input_ids"]) and torch.equal(first["labels"], again["labels"])
