@@ -45,7 +45,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=DEFAULT_MODEL, help="a .ckpt, a model folder or the default base model")
     parser.add_argument("--quora-dev", type=Path, help="a Quora dev pair file: MRR@10 per backend")
-    parser.add_argument("--quora-rows", type=int, default=4000, help="its first rows (retrieval over their sentences)")
+    parser.add_argument("--quora-rows", type=int, default=2000, help="its first rows (retrieval over their sentences)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--skip-st-onnx", action="store_true", help="leave out sentence-transformers' ONNX backend")
     parser.add_argument("--json", type=Path)
