@@ -66,6 +66,8 @@ class MiningOptions:
             value = getattr(self, name)
             if value is not None and not value >= 0:
                 raise UserInputError(f"{name} must be a number >= 0, got {value}")
+        if self.seed < 0:
+            raise UserInputError(f"seed must be at least 0, got {self.seed}")
         if self.sampling_strategy not in SAMPLING_STRATEGIES:
             raise UserInputError(f"sampling_strategy must be one of {', '.join(SAMPLING_STRATEGIES)}, "
                                  f"got {self.sampling_strategy!r}")
@@ -219,8 +221,8 @@ class _Search:
         # Texts left out for each anchor: those of its group, and its positives outside it (none under masking).
         # The window is as much deeper than range_max as the most of any anchor, as in sentence-transformers.
         outside = (group[flat] != group[anchors[owner]]).long()
-        left_out = torch.bincount(group)[group[anchors]].index_add(0, owner, outside)
-        self.window = min(self.range_max + int(left_out.max()), corpus_size)
+        left_out_count = torch.bincount(group)[group[anchors]].index_add(0, owner, outside)
+        self.window = min(self.range_max + int(left_out_count.max()), corpus_size)
 
     def blocks(self) -> list[tuple[int, int]]:
         starts = range(0, len(self.anchors), ANCHOR_BLOCK)

@@ -199,6 +199,7 @@ def test_a_failed_write_leaves_no_file(one_anchor, tmp_path, monkeypatch):
     ({"relative_margin": -0.1}, "relative_margin must be a number >= 0"),
     ({"absolute_margin": float("nan")}, "absolute_margin must be a number >= 0"),
     ({"sampling_strategy": "best"}, "sampling_strategy must be one of top, random"),
+    ({"seed": -1}, "seed must be at least 0, got -1"),
 ])
 def test_bad_options_are_refused(options, message):
     with pytest.raises(UserInputError, match=message):
