@@ -1,5 +1,5 @@
-"""The command line: `python -m minilm_sts fit|validate|test|export|predict|build-pairs` and what it adds to a
-run (recipes, tracking, the fit plan, export of the best checkpoint)."""
+"""The command line: `python -m minilm_sts fit|validate|test|export|predict|build-pairs|mine-negatives` and what it
+adds to a run (recipes, tracking, the fit plan, export of the best checkpoint)."""
 
 from minilm_sts.cli.commands import main
 
