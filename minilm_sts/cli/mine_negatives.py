@@ -33,7 +33,7 @@ def mine_negatives_command(args: list[str]) -> None:
     if options.output.exists() and not options.overwrite:
         raise OutputExistsError(f"{options.output} exists; choose another file, or replace it with --overwrite")
     if options.batch_size < 1:
-        raise UserInputError(f"--batch-size must be at least 1, got {options.batch_size}")
+        raise UserInputError(f"batch_size must be at least 1, got {options.batch_size}")
     pairs = read_positive_pairs(options.pairs, options.label_scale, options.id_columns)
     corpus = read_sentences(options.corpus, options.corpus_column) if options.corpus else None
     model = _model(options.model, options.device)
