@@ -62,8 +62,8 @@ class PairBatches:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         rows, bounds = [], []
         for dataset, size in enumerate(self.sizes):
-            order = torch.randperm(size, generator=generator).numpy()
-            order = order.astype(np.int32) if size < 2**31 else order  # half the memory for any usual size
+            # int32 (the same permutation as int64 for the same generator) halves the plan for any usual size.
+            order = torch.randperm(size, generator=generator, dtype=_row_type(size)).numpy()
             if self.sentence_ids is None or self.sentence_ids[dataset] is None:
                 rows.append(order)
                 bounds.append(np.append(np.arange(0, size, self.batch_size), size))
@@ -92,6 +92,10 @@ class PairBatches:
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self._skip = state["epoch"], state["batches_done"]
+
+
+def _row_type(size: int) -> torch.dtype:
+    return torch.int32 if size < 2**31 else torch.int64
 
 
 class EpochPlan:

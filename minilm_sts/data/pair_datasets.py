@@ -21,7 +21,7 @@ class PairDataset(Dataset):
 
     def __init__(self, pairs: TokenizedPairs, rows: Optional[np.ndarray] = None):
         self.pairs = pairs
-        self.rows = np.arange(len(pairs)) if rows is None else rows
+        self.rows = np.arange(len(pairs), dtype=np.int32 if len(pairs) < 2**31 else np.int64) if rows is None else rows
         self.batches_made = 0  # in this process: every RELEASE_EVERY batches, the cache pages read are let go
 
     def __len__(self) -> int:
