@@ -2,7 +2,8 @@
 suffix, so every copy tokenizes anew), prepared from a cold token cache with 1 and 2 processes, then a 30-step
 `fit` on the prepared pairs. For each size it prints the peak RSS, wall time and pairs/s of preparation, and
 the wall time and peak RSS of the fit (each a whole process, measured by the kernel: wait4's maximum resident
-set, which covers the process and the largest of its workers), then projects 100M pairs from the curve.
+set, which covers the process and the largest of its workers, taken by a small process in between so that this
+one's own size does not count), then projects 100M pairs from the curve.
 
     python scripts/bench_scale.py --source ../shared/data/quora/train.tsv --sizes 1000000 3000000 10000000 \
         --json docs/benchmark-scale.json
@@ -96,18 +97,29 @@ def build_pairs(source: Path, pairs: int, out: Path) -> Path:
     return out
 
 
+# The measured command runs as the child of this small process, which reports the command's peak. Measured
+# directly, a child started by a large parent inherits the parent's peak: Linux keeps the largest RSS a process
+# had before exec, and subprocess's vfork makes that the parent's.
+PEAK_OF_CHILD = """
+import os, sys
+child = os.fork()
+if child == 0:
+    os.execv(sys.argv[1], sys.argv[1:])
+_, status, usage = os.wait4(child, 0)
+print(f"PEAK_KIB {usage.ru_maxrss}", file=sys.stderr)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def run_measured(command: list[str], env: dict[str, str]) -> tuple[float, float, str]:
-    """Wall seconds, peak RSS in GiB (the process or its largest worker, from wait4) and stdout of a process."""
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        started = time.perf_counter()
-        process = subprocess.Popen(command, env=env, stdout=out, stderr=err, text=True)
-        _, status, usage = os.wait4(process.pid, 0)
-        seconds = time.perf_counter() - started
-        process.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0), err.seek(0)
-        if process.returncode:
-            raise RuntimeError(f"{command[:4]} exit {process.returncode}:\n{err.read()[-3000:]}")
-        return seconds, usage.ru_maxrss / 2**20, out.read()
+    """Wall seconds, peak RSS in GiB (the command's process or its largest worker) and stdout of a command."""
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", PEAK_OF_CHILD, *command], env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    if done.returncode:
+        raise RuntimeError(f"{command[:4]} exit {done.returncode}:\n{done.stderr[-3000:]}")
+    peak_kib = int(done.stderr.rsplit("PEAK_KIB ", 1)[1].split()[0])
+    return seconds, peak_kib / 2**20, done.stdout
 
 
 def child_env(cache: Path) -> dict[str, str]:

@@ -41,8 +41,12 @@ def test_scale_files_repeat_the_source_with_a_suffix_per_copy(monkeypatch, tmp_p
                                                    "rain (1)\tsun (1)\t0.0", "a dog (2)\ta cat (2)\t1.0"]
 
 
-def test_scale_measures_a_whole_process_peak_memory(monkeypatch):
+def test_scale_measures_the_command_not_the_process_that_starts_it(monkeypatch):
+    import numpy as np
+
     bench = load_script("bench_scale", monkeypatch)
+    ballast = np.ones(1200 * 2**20, dtype=np.uint8)  # this process's own peak must not count in the command's
     grow = "import sys; block = bytearray(300 * 2**20); print('RESULT' + str(len(block)))"
     seconds, peak_gib, out = bench.run_measured([sys.executable, "-c", grow], dict(os.environ))
     assert out.strip() == f"RESULT{300 * 2**20}" and 0.29 < peak_gib < 1.0 and seconds > 0
+    assert ballast.sum() == ballast.size
