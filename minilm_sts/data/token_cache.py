@@ -58,7 +58,10 @@ class TokenizedPairs:
     def release_pages(self) -> None:
         """Unmap the entry's pages that this process has read. They are clean pages of the page cache, but the
         kernel maps 64 KB around every read, so an epoch of random batches would otherwise show the whole entry
-        in this process's resident memory. The next read maps them again from the page cache."""
+        in this process's resident memory. The next read maps them again from the page cache. (Windows has no
+        such advice, and nothing is released there.)"""
+        if not hasattr(mmap, "MADV_DONTNEED"):
+            return
         for mapping in self.maps:
             mapping.madvise(mmap.MADV_DONTNEED)
 
@@ -176,7 +179,7 @@ class ChunkTokenizers:
 
     def __init__(self, tokenizer, max_length: int, num_proc: int | None, share: Share):
         self.tokenizer, self.max_length = tokenizer, max_length
-        self.num_proc = num_proc or max(1, len(os.sched_getaffinity(0)) // _processes_per_machine(share))
+        self.num_proc = num_proc or max(1, _usable_cpus() // _processes_per_machine(share))
         self.pool: ProcessPoolExecutor | None = None
         self.pending: set[Future] = set()
         self.held: tuple[Path, PairTable] | None = None  # a first chunk, kept until a second shows a pool pays
@@ -239,6 +242,13 @@ def _npy_writer(path: Path, dtype, length: int) -> Iterator[BinaryIO]:
         written, expected = handle.tell() - start, length * np.dtype(dtype).itemsize
         if written != expected:  # chunks that disagree with their counts: never an entry
             raise OSError(f"{path}: wrote {written:,} bytes of items where the header says {expected:,}")
+
+
+def _usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity where the system has one: Linux, not macOS or Windows)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def _processes_per_machine(share: Share) -> int:

@@ -226,3 +226,12 @@ def test_a_streamed_hub_dataset_is_checked_and_prepared_in_chunks(tokenizer, pai
     assert loads and all(loads)  # streamed every time, never downloaded whole
     monkeypatch.setenv("MINILM_STS_CACHE", str(tmp_path / "from-file"))
     assert_same(streamed, arrays(load_tokenized(str(pair_files["train"]), tokenizer, 128)))
+
+
+def test_the_default_process_count_shares_the_cpus_also_where_there_is_no_affinity(monkeypatch):
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    assert token_cache.ChunkTokenizers(None, 128, None, token_cache.Share(world=2)).num_proc == 4
+    monkeypatch.delattr(os, "sched_getaffinity")  # macOS and Windows have none
+    monkeypatch.setattr(os, "cpu_count", lambda: 6)
+    assert token_cache.ChunkTokenizers(None, 128, None, token_cache.Share()).num_proc == 6
