@@ -24,7 +24,8 @@ class PairBatches:
     resume skip exactly those. Under distributed training, process `rank` of `world` takes every world-th batch
     of the same plan, which is first padded by repeating its start so that every process gets as many.
     With `sentence_ids` (per dataset, `PairDataset.sentence_ids()` or None), no sentence occurs twice in a batch
-    of a dataset that has them (`distinct_sentence_batches`), as losses with in-batch negatives need.
+    of a dataset that has them, in any of its columns, negatives included (`distinct_sentence_batches`), as losses
+    with in-batch negatives need.
     """
 
     def __init__(self, sizes: list[int], batch_size: int, seed: int, mode: str, batches_done: Callable[[], int],
@@ -117,10 +118,12 @@ class EpochPlan:
 
 
 def distinct_sentence_batches(order: list[int], sentence_ids: np.ndarray, batch_size: int) -> list[list[int]]:
-    """`order` in batches of `batch_size` rows (at least 2) where no sentence occurs twice: batches are filled
-    in order, and a row whose sentence is already in the batch waits for the next one, which takes waiting rows
-    first. A row still alone at the end joins the first batch holding neither of its sentences (one row over
-    `batch_size`); if none can take it, it sits this epoch out, named in one warning for the epoch."""
+    """`order` in batches of `batch_size` rows (at least 2) where no sentence occurs twice: `sentence_ids[row]`
+    holds each of the row's sentences (a pair's two, or an anchor's, its positive's and its negatives', as
+    sentence-transformers' NoDuplicatesBatchSampler checks every column). Batches are filled in order, and a row
+    with a sentence already in the batch waits for the next one, which takes waiting rows first. A row still
+    alone at the end joins the first batch holding none of its sentences (one row over `batch_size`); if none
+    can take it, it sits this epoch out, named in one warning for the epoch."""
     batches, waiting, position = [], [], 0
     while waiting or position < len(order):
         batch, seen, deferred = [], set(), []
@@ -153,7 +156,7 @@ def distinct_sentence_batches(order: list[int], sentence_ids: np.ndarray, batch_
 
 
 def _place_alone(row: int, batches: list[list[int]], taken: list[set[int]], sentence_ids: np.ndarray) -> bool:
-    """Adds `row` to the first batch holding neither of its sentences; False if there is none."""
+    """Adds `row` to the first batch holding none of its sentences; False if there is none."""
     sentences = set(sentence_ids[row].tolist())
     for batch, batch_sentences in zip(batches, taken):
         if not sentences & batch_sentences:

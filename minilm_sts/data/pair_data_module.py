@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import os
 import warnings
-from typing import Callable, Iterable, Literal, Optional, Union
+from typing import Callable, Iterable, Literal, Mapping, Optional, Union
 
 import lightning as L
 import numpy as np
@@ -123,6 +123,7 @@ class PairDataModule(L.LightningDataModule):
         self.tokenizer = None
         self.max_seq_length: Optional[int] = None
         self.in_batch_negatives: frozenset[str] = frozenset()  # training sets whose loss wants them, from the model
+        self.losses: dict[str, str] = {}  # each training set's loss name, from the model, for messages
         self.batch_layout: Callable = PackedLayout  # from the model too
         self.sources = {split: named_sources(getattr(self.hparams, f"{split}_path")) for split in SPLITS}
         self.guard = GUARD_NAME if forgetting_guard and _guard_applies(self.sources) else None
@@ -141,15 +142,17 @@ class PairDataModule(L.LightningDataModule):
         self._batches_state: Optional[dict] = None  # from a checkpoint, for the next train loader
 
     def tokenize_with(self, tokenizer, max_seq_length: int, in_batch_negatives: Iterable[str] = (),
-                      batch_layout: Callable = PackedLayout) -> None:
+                      batch_layout: Callable = PackedLayout, losses: Optional[Mapping[str, str]] = None) -> None:
         """Tokenize as the model that this data feeds: its tokenizer and max length (the model owns them, and
         checkpoints carry them), the training sets whose loss takes the batch's other rows as negatives (they
-        are reduced to their positive pairs, label > 0, and batched without a repeated sentence; by default no
-        set is), and the encoder's `batch_layout`, which the loaders make for each batch. SentenceEncoderTraining
-        calls this as a trainer takes both; set up by hand, call it before `setup`."""
+        are reduced to their positive pairs, label > 0, batched without a repeated sentence, and their batches
+        carry each sentence's duplicate cluster; by default no set is), the encoder's `batch_layout`, which the
+        loaders make for each batch, and each training set's loss name (`losses`, for messages only).
+        SentenceEncoderTraining calls this as a trainer takes both; set up by hand, call it before `setup`."""
         self.tokenizer, self.max_seq_length = tokenizer, max_seq_length
         self.in_batch_negatives = frozenset(in_batch_negatives)
         self.batch_layout = batch_layout
+        self.losses = dict(losses or {})
 
     def setup(self, stage: str) -> None:
         if self.tokenizer is None:
@@ -184,9 +187,15 @@ class PairDataModule(L.LightningDataModule):
         pairs = load_tokenized(source, self.tokenizer, self.max_seq_length, self._read_options(split, name),
                                num_proc=self.hparams.num_proc, share=self._share())
         if split != "train":
-            _check_correlation_defined(source, pairs)
-        rank_zero_info(f"{split}: {len(pairs):,} pairs from {source}; {pairs.at_max_length} sentence(s) reached "
-                       f"{self.max_seq_length} tokens and were truncated; {pairs.dropped} invalid row(s) dropped")
+            _check_evaluation_set(source, pairs)
+        elif pairs.columns > 2 and not self._in_batch_negatives(name):
+            loss = f"its loss {self.losses[name]!r}" if name in self.losses else "its loss"
+            raise PairDataError(f"{source}: training set {name!r} holds an anchor, a positive and "
+                                f"{pairs.columns - 2} negative(s) per row, which only a loss with in-batch negatives "
+                                f"(such as mnrl) trains on, and {loss} has none; train it with --model.loss mnrl")
+        rank_zero_info(f"{split}: {len(pairs):,} {_row_kind(pairs.columns)} from {source}; {pairs.at_max_length} "
+                       f"sentence(s) reached {self.max_seq_length} tokens and were truncated; {pairs.dropped} invalid "
+                       "row(s) dropped")
         if split != "train" or not self._in_batch_negatives(name):
             return PairDataset(pairs)
         return _positive_pairs(source, pairs)
@@ -247,19 +256,23 @@ class PairDataModule(L.LightningDataModule):
         return [self._describe(split, name, dataset) for name, dataset in self.datasets[split].items()]
 
     def _describe(self, split: str, name: str, dataset: PairDataset) -> dict:
+        """`columns` are sentence A's, B's and the label's (`label` for an n-tuple set without one, whose rows are
+        all 1.0); `tokens` has every sentence column, negatives included, which `negative_columns` name."""
         source, pairs = self.sources[split][name], dataset.pairs
         table = self._read_table(split, name, head=True)
         rows = min(len(pairs), CARD_STATS_ROWS)
-        lengths = np.diff(pairs.offsets[: 2 * rows + 1])
-        column_a, column_b, label = table.columns
+        lengths = np.diff(pairs.offsets[: pairs.columns * rows + 1]).reshape(rows, pairs.columns)
+        sentence_columns, label = table.columns[: table.width], table.label_column or "label"
         samples = zip(table.sentences_a[:CARD_SAMPLE_ROWS], table.sentences_b[:CARD_SAMPLE_ROWS], table.labels)
         return {
             "name": name,
             "source": source,
             "size": len(dataset),
             "stats_rows": rows,
-            "columns": list(table.columns),
-            "tokens": {column_a: summary_stats(lengths[0::2]), column_b: summary_stats(lengths[1::2])},
+            "format": _set_format(sentence_columns),
+            "columns": [*sentence_columns[:2], label],
+            "negative_columns": list(sentence_columns[2:]),
+            "tokens": {column: summary_stats(lengths[:, c]) for c, column in enumerate(sentence_columns)},
             "label": {label: summary_stats(pairs.labels[:rows])},
             "samples": [list(row) for row in samples],
             "at_max_length": pairs.at_max_length,
@@ -271,6 +284,9 @@ class PairDataModule(L.LightningDataModule):
         parts = self.datasets["train"]
         h, trainer = self.hparams, self.trainer
         sentence_ids = [p.sentence_ids() if self._in_batch_negatives(name) else None for name, p in parts.items()]
+        for part, ids in zip(parts.values(), sentence_ids):
+            if ids is not None:
+                part.mark_duplicates(ids)  # one cluster id per sentence in each batch, for masking known duplicates
         batches = PairBatches([len(p) for p in parts.values()], h.batch_size, h.seed, h.multi_dataset_sampler,
                               self._batches_trained, rank=trainer.global_rank, world=trainer.world_size,
                               sentence_ids=sentence_ids)
@@ -360,8 +376,25 @@ def _is_packaged_stsb(source: str) -> bool:
     return isinstance(parsed, FileSource) and parsed.path.parent == builtin_path("stsb/dev").parent
 
 
-def _check_correlation_defined(source: str, pairs: TokenizedPairs) -> None:
-    """Pearson and Spearman need at least two rows and two distinct labels."""
+def _row_kind(columns: int) -> str:
+    return "pairs" if columns == 2 else f"rows of an anchor, a positive and {columns - 2} negative(s)"
+
+
+def _set_format(sentence_columns: tuple[str, ...]) -> str:
+    """What a model card calls a set: labelled pairs, or n-tuples with k negatives."""
+    negatives = sentence_columns[2:]
+    if not negatives:
+        return "pairs"
+    return (f"n-tuple with {len(negatives)} negative(s): {', '.join(sentence_columns[:2])} and "
+            f"{', '.join(negatives)}")
+
+
+def _check_evaluation_set(source: str, pairs: TokenizedPairs) -> None:
+    """An evaluation set is scored pair by pair, cosine against label: Pearson and Spearman need at least two
+    rows and two distinct labels."""
+    if pairs.columns != 2:
+        raise PairDataError(f"{source}: an evaluation set is scored pair by pair (cosine against label), and this "
+                            f"set has {pairs.columns} sentence columns; give it as sentence_0, sentence_1, label")
     if len(pairs) < 2:
         raise PairDataError(f"{source}: an evaluation set needs at least 2 pairs, got {len(pairs)}")
     if np.all(pairs.labels == pairs.labels[0]):

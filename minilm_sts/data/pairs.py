@@ -5,6 +5,10 @@ A local file is read by the reader its name selects: `.csv`, `.tsv`, `.jsonl` or
 for the text formats). `ReadOptions` holds every other choice about reading, so the token cache can key on it
 whole.
 
+A source is a set of labelled pairs (two sentence columns and a label), or of n-tuples as sentence-transformers
+writes them (`anchor, positive` and any negatives `negative` or `negative_1 .. negative_k`), whose rows are all
+positive pairs (label 1.0) unless the source has a label column.
+
 Over 300 lines because every row check sits beside the reader whose rows it checks, so one file says what
 is accepted.
 """
@@ -18,7 +22,7 @@ import json
 import math
 import re
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from itertools import chain, islice
 from typing import Callable, Iterator, Optional, Sequence
 
@@ -26,6 +30,7 @@ from minilm_sts.data.sources import FileSource, HfSource, Source, parse_source
 from minilm_sts.errors import PairDataError
 
 SENTENCE_COLUMN_CHOICES = (("sentence_0", "sentence_1"), ("sentence1", "sentence2"))
+TUPLE_COLUMNS = ("anchor", "positive")  # then "negative", or "negative_1" .. "negative_k"
 LABEL_COLUMN_CHOICES = ("label", "score")
 DELIMITERS = {"csv": ",", "tsv": "\t"}
 LINE_BREAK = re.compile(r"\r\n|\r|\n")  # the line ends a text file opened with newline="" splits on
@@ -53,15 +58,32 @@ class ReadOptions:
 
 @dataclass
 class PairTable:
+    """Rows of a source: sentences A and B, for an n-tuple source each negative column's sentences too, and labels
+    (1.0 for every row of an n-tuple source without a label column). `columns` names the sentence columns, then
+    the label column if the source has one."""
+
     source: str
     sentences_a: list[str]
     sentences_b: list[str]
     labels: list[float]
-    columns: tuple[str, str, str] = ("sentence_0", "sentence_1", "label")
+    columns: tuple[str, ...] = ("sentence_0", "sentence_1", "label")
     dropped: int = 0  # invalid rows left out under drop_invalid
+    negatives: list[list[str]] = field(default_factory=list)  # one list per negative column
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    @property
+    def width(self) -> int:
+        """Sentences per row: 2 for a pair, 2 + k for an anchor, a positive and k negatives."""
+        return 2 + len(self.negatives)
+
+    @property
+    def label_column(self) -> str | None:
+        return self.columns[self.width] if len(self.columns) > self.width else None
+
+    def sentence_columns(self) -> list[list[str]]:
+        return [self.sentences_a, self.sentences_b, *self.negatives]
 
 
 @dataclass
@@ -81,9 +103,10 @@ def read_pairs(source: str | Source, options: ReadOptions = ReadOptions(), **opt
     """Read and validate a pair source. `option_fields` set single fields of `options`, as in
     `read_pairs(path, label_scale=5.0)`."""
     chunks = list(iter_pair_chunks(source, replace(options, **option_fields), chunk_rows=None))
-    return PairTable(chunks[0].source, *([value for chunk in chunks for value in getattr(chunk, column)]
-                                         for column in ("sentences_a", "sentences_b", "labels")),
-                     chunks[0].columns, sum(chunk.dropped for chunk in chunks))
+    first = chunks[0]
+    a, b, *negatives = ([text for chunk in chunks for text in chunk.sentence_columns()[c]] for c in range(first.width))
+    return PairTable(first.source, a, b, [label for chunk in chunks for label in chunk.labels], first.columns,
+                     sum(chunk.dropped for chunk in chunks), negatives)
 
 
 def iter_pair_chunks(source: str | Source, options: ReadOptions = ReadOptions(),
@@ -100,15 +123,16 @@ def iter_pair_chunks(source: str | Source, options: ReadOptions = ReadOptions(),
     chunks = _raw_chunks(source, chunk_rows)
     first = next(chunks)
     try:
-        columns = (*_pick_sentence_columns(source.text, first.columns, options.sentence_columns),
-                   _pick_label_column(source.text, first.columns, options.label_column))
+        sentence_columns = _pick_sentence_columns(source.text, first.columns, options.sentence_columns)
+        columns = (sentence_columns, _pick_label_column(source.text, first.columns, options.label_column,
+                                                        optional=is_tuple_set(sentence_columns)))
         _check_label_scale(source.text, options.label_scale)
     except PairDataError as err:
         columns, setup_error = None, err  # said after the whole source is read, as before chunks existed
     problems, rows = _RowProblems(source.text, options), 0
     for raw in chain([first], chunks):
         rows += raw.size
-        table = problems.check(raw, columns) if columns else None
+        table = problems.check(raw, *columns) if columns else None
         if table is not None and (options.drop_invalid or not problems.found):
             yield table
     if rows == 0:
@@ -119,44 +143,52 @@ def iter_pair_chunks(source: str | Source, options: ReadOptions = ReadOptions(),
 
 
 class _RowProblems:
-    """What was wrong with a source's rows so far, chunk by chunk: for each check (sentence A, sentence B,
+    """What was wrong with a source's rows so far, chunk by chunk: for each check (each sentence column, then the
     label) the first message and a count, and for `drop_invalid` the first bad row's message and the count."""
 
     def __init__(self, source: str, options: ReadOptions):
         self.source, self.options = source, options
         self.rows, self.found, self.top_label = 0, False, 0.0
-        self.first: list[str | None] = [None, None, None]
-        self.counts = [0, 0, 0]
+        self.first: list[str | None] = []
+        self.counts: list[int] = []
         self.first_dropped, self.dropped = None, 0
 
-    def check(self, raw: RawColumns, columns: tuple[str, str, str]) -> PairTable:
+    def check(self, raw: RawColumns, sentence_columns: tuple[str, ...], label_column: str | None) -> PairTable:
         """The chunk's valid rows (empty once a problem has been found, unless drop_invalid)."""
-        col_a, col_b, label_col = columns
-        sentences_a, bad_a = _check_sentences(self.source, raw, col_a)
-        sentences_b, bad_b = _check_sentences(self.source, raw, col_b)
-        labels, bad_labels = _check_labels(self.source, raw, label_col, self.options.label_scale)
+        checked = [_check_sentences(self.source, raw, name) for name in sentence_columns]
+        if label_column is None:  # an n-tuple source without labels: every row is a positive pair
+            labels, bad_labels = [1.0] * raw.size, {}
+        else:
+            labels, bad_labels = _check_labels(self.source, raw, label_column, self.options.label_scale)
         self.rows += len(labels)
         self.top_label = max([self.top_label, *(y for y in labels if math.isfinite(y))])
-        for kind, problems in enumerate((bad_a, bad_b, bad_labels)):
+        every_check = [bad for _, bad in checked] + [bad_labels]
+        if not self.counts:
+            self.first, self.counts = [None] * len(every_check), [0] * len(every_check)
+        bad: dict[int, str] = {}
+        # A row with several problems is named by its first bad column's problem, the label's last.
+        for kind in reversed(range(len(every_check))):
+            problems = every_check[kind]
             self.counts[kind] += len(problems)
             if problems and self.first[kind] is None:
                 self.first[kind] = next(iter(problems.values()))
-        # A row with several problems is named by its sentence A problem first, then B's, then its label's.
-        bad = {**bad_labels, **bad_b, **bad_a}
+            bad.update(problems)
         self.found = self.found or bool(bad)
         self.dropped += len(bad)
         if bad and self.first_dropped is None:
             self.first_dropped = bad[min(bad)]
-        keep = [i for i in range(len(labels)) if i not in bad]
+        kept = [values for values, _ in checked] + [labels]
         if bad:
-            sentences_a, sentences_b, labels = ([column[i] for i in keep] for column in (sentences_a, sentences_b,
-                                                                                         labels))
-        return PairTable(self.source, sentences_a, sentences_b, labels, columns, len(bad))
+            keep = [i for i in range(len(labels)) if i not in bad]
+            kept = [[column[i] for i in keep] for column in kept]
+        (a, b, *negatives), labels = kept[:-1], kept[-1]
+        return PairTable(self.source, a, b, labels, (*sentence_columns, *filter(None, [label_column])), len(bad),
+                         negatives)
 
     def raise_or_warn(self) -> None:
         for kind, first in enumerate(self.first):
             if first is not None and not self.options.drop_invalid:
-                hint = _scale_hint(self.top_label, self.options.label_scale, about_labels=kind == 2)
+                hint = _scale_hint(self.top_label, self.options.label_scale, about_labels=kind == len(self.first) - 1)
                 raise PairDataError(f"{first} ({self.counts[kind]} such row(s) in all){hint}")
         if self.dropped:
             warnings.warn(f"{self.source}: dropped {self.dropped} invalid row(s) of {self.rows} (drop_invalid); the "
@@ -196,11 +228,14 @@ def column_names(source: str | Source) -> list[str]:
 
 def read_unlabelled_pairs(source: str | Source,
                           sentence_columns: Sequence[str] | None = None) -> tuple[list[str], list[str]] | None:
-    """The two sentence columns of `source`, or None when it has no recognisable pair of sentence columns."""
+    """The first two sentence columns of `source` (of an n-tuple source, its anchors and positives), or None when
+    it has no recognisable sentence columns."""
     source = parse_source(source)
     raw = _read_raw(source)
+    if sentence_columns is not None and len(sentence_columns) != 2:
+        raise PairDataError(f"sentence_columns must name exactly two columns, got {list(sentence_columns)}")
     try:
-        col_a, col_b = _pick_sentence_columns(source.text, raw.columns, sentence_columns)
+        col_a, col_b, *_ = _pick_sentence_columns(source.text, raw.columns, sentence_columns)
     except PairDataError:
         if sentence_columns:
             raise
@@ -208,22 +243,54 @@ def read_unlabelled_pairs(source: str | Source,
     return _checked_sentences(source.text, raw, col_a), _checked_sentences(source.text, raw, col_b)
 
 
-def _pick_sentence_columns(source: str, columns: dict, wanted: Sequence[str] | None) -> tuple[str, str]:
-    choices = [tuple(wanted)] if wanted else SENTENCE_COLUMN_CHOICES
-    for pair in choices:
-        if len(pair) != 2:
-            raise PairDataError(f"sentence_columns must name exactly two columns, got {list(pair)}")
-        if all(name in columns for name in pair):
-            return pair
-    expected = " or ".join(str(list(pair)) for pair in choices)
+def is_tuple_set(sentence_columns: Sequence[str]) -> bool:
+    """Whether these are an n-tuple source's columns (anchor, positive and negatives), whose rows are all positive
+    pairs unless the source has a label column."""
+    return tuple(sentence_columns[:2]) == TUPLE_COLUMNS or len(sentence_columns) > 2
+
+
+def _pick_sentence_columns(source: str, columns: dict, wanted: Sequence[str] | None) -> tuple[str, ...]:
+    """The columns asked for (two, or more: anchor, positive, then negatives), else the first pair of
+    SENTENCE_COLUMN_CHOICES in `columns`, else anchor, positive and the negative columns."""
+    if wanted:
+        if len(wanted) < 2:
+            raise PairDataError(f"sentence_columns must name at least two columns (then any negatives), "
+                                f"got {list(wanted)}")
+        if all(name in columns for name in wanted):
+            return tuple(wanted)
+        choices = [tuple(wanted)]
+    else:
+        for pair in SENTENCE_COLUMN_CHOICES:
+            if all(name in columns for name in pair):
+                return pair
+        if all(name in columns for name in TUPLE_COLUMNS):
+            return (*TUPLE_COLUMNS, *_negative_columns(source, columns))
+        choices = [*SENTENCE_COLUMN_CHOICES, (*TUPLE_COLUMNS, "negative_1", "...")]
+    expected = " or ".join(str(list(names)) for names in choices)
     raise PairDataError(f"{source}: sentence columns {expected} not found; the columns are {list(columns)}")
 
 
-def _pick_label_column(source: str, columns: dict, wanted: str | None) -> str:
+def _negative_columns(source: str, columns: dict) -> list[str]:
+    """An n-tuple source's negatives: `negative`, or `negative_1` .. `negative_k` with none missing."""
+    numbered = sorted(int(name.removeprefix("negative_")) for name in columns
+                      if re.fullmatch(r"negative_[1-9][0-9]*", name))
+    if "negative" in columns and numbered:
+        raise PairDataError(f"{source}: both 'negative' and numbered negative columns; the columns are "
+                            f"{list(columns)}")
+    if numbered != list(range(1, len(numbered) + 1)):
+        raise PairDataError(f"{source}: negative columns must be numbered negative_1 to negative_k with none missing; "
+                            f"found {[f'negative_{n}' for n in numbered]}")
+    return ["negative"] if "negative" in columns else [f"negative_{n}" for n in numbered]
+
+
+def _pick_label_column(source: str, columns: dict, wanted: str | None, optional: bool = False) -> str | None:
+    """The label column; None for an `optional` label that the source does not have."""
     choices = [wanted] if wanted else LABEL_COLUMN_CHOICES
     for name in choices:
         if name in columns:
             return name
+    if optional and not wanted:
+        return None
     raise PairDataError(f"{source}: label column {' or '.join(choices)} not found; the columns are {list(columns)}")
 
 

@@ -1,5 +1,5 @@
 """Tokenize a pair source once and keep its token ids and labels on disk as flat numpy arrays, with two counts
-(sentences that reached the max length, invalid rows dropped) and nothing else.
+(sentences that reached the max length, invalid rows dropped) and, for an n-tuple source, its sentences per row.
 
 The cache key covers everything that decides the ids: the source's fingerprint (a file's bytes and the
 format its name selects, or a Hub dataset's revision), the reading options, the tokenizer and the max length.
@@ -43,13 +43,15 @@ def cache_root() -> Path:
 
 @dataclass
 class TokenizedPairs:
-    """Pair i has sentence A at ids[offsets[2i]:offsets[2i+1]] and sentence B at ids[offsets[2i+1]:offsets[2i+2]]."""
+    """Row i has `columns` sentences (2 for a pair: A and B; 2 + k for an anchor, a positive and k negatives), and
+    its sentence c, numbered columns * i + c, at ids[offsets[columns * i + c]:offsets[columns * i + c + 1]]."""
 
     ids: np.ndarray
     offsets: np.ndarray
     labels: np.ndarray
     at_max_length: int = 0  # sentences that reached the max length (and so were most likely truncated)
     dropped: int = 0  # invalid rows left out under drop_invalid
+    columns: int = 2
     maps: list[mmap.mmap] = field(default_factory=list, repr=False, compare=False)  # of a cache entry's files
 
     def __len__(self) -> int:
@@ -151,8 +153,9 @@ class ChunkFolder:
         a writable memory map: the pages of a mapped file count in this process's resident memory as it fills."""
         metas = [json.loads((self.part(i) / "meta.json").read_text()) for i in range(self.count)]
         pairs, tokens = sum(m["pairs"] for m in metas), sum(m["tokens"] for m in metas)
+        columns = metas[0].get("columns", 2)
         id_type = np.load(self.part(0) / "ids.npy", mmap_mode="r").dtype
-        shapes = {"ids": (id_type, tokens), "offsets": (np.int64, 2 * pairs + 1), "labels": (np.float32, pairs)}
+        shapes = {"ids": (id_type, tokens), "offsets": (np.int64, columns * pairs + 1), "labels": (np.float32, pairs)}
         with staged_folder(self.entry, replace=False) as staging, ExitStack() as files:
             out = {name: files.enter_context(_npy_writer(staging / f"{name}.npy", *shape))
                    for name, shape in shapes.items()}
@@ -166,7 +169,7 @@ class ChunkFolder:
                 out["labels"].write(np.load(part / "labels.npy").tobytes())
                 token += len(chunk_ids)
             files.close()
-            meta = {"pairs": pairs, **{key: sum(m[key] for m in metas) for key in META}}
+            meta = {"pairs": pairs, **{key: sum(m[key] for m in metas) for key in META}, **_columns_item(columns)}
             (staging / "meta.json").write_text(json.dumps(meta))
 
     def remove(self) -> None:
@@ -257,15 +260,22 @@ def _processes_per_machine(share: Share) -> int:
 
 
 def write_chunk(folder: Path, table: PairTable, tokenizer, max_length: int) -> None:
-    interleaved = [text for pair in zip(table.sentences_a, table.sentences_b) for text in pair]
+    interleaved = [text for row in zip(*table.sentence_columns()) for text in row]
     ids, offsets, at_limit = tokenize_texts(tokenizer, interleaved, max_length)
     # replace=False: another process may have written the same chunk first; its content is the same.
     with staged_folder(folder, replace=False) as staging:
         np.save(staging / "ids.npy", ids)
         np.save(staging / "lengths.npy", np.diff(offsets).astype(np.int32))
         np.save(staging / "labels.npy", np.asarray(table.labels, dtype=np.float32))
-        meta = {"pairs": len(table), "tokens": len(ids), "at_max_length": at_limit, "dropped": table.dropped}
+        meta = {"pairs": len(table), "tokens": len(ids), "at_max_length": at_limit, "dropped": table.dropped,
+                **_columns_item(table.width)}
         (staging / "meta.json").write_text(json.dumps(meta))
+
+
+def _columns_item(columns: int) -> dict:
+    """The meta.json item for the sentences per row: none for pairs, so that a pair set's entry is byte for byte
+    what it was before n-tuples (a meta.json without it means 2)."""
+    return {} if columns == 2 else {"columns": columns}
 
 
 _worker: dict = {}  # in a pool process: its tokenizer and max length
@@ -317,8 +327,9 @@ def _read_entry(entry: Path) -> TokenizedPairs | None:
         meta = json.loads((entry / "meta.json").read_text())
         maps = {name: _map_file(entry / f"{name}.npy") for name in ARRAYS}
         arrays = {name: _npy_array(mapping) for name, mapping in maps.items()}
-        pairs = TokenizedPairs(**arrays, **{key: meta[key] for key in META}, maps=list(maps.values()))
-        consistent = (len(pairs.offsets) == 2 * len(pairs) + 1 and pairs.offsets[-1] == len(pairs.ids)
+        pairs = TokenizedPairs(**arrays, **{key: meta[key] for key in META}, columns=meta.get("columns", 2),
+                               maps=list(maps.values()))
+        consistent = (len(pairs.offsets) == pairs.columns * len(pairs) + 1 and pairs.offsets[-1] == len(pairs.ids)
                       and meta["pairs"] == len(pairs))
     except (OSError, ValueError, KeyError):
         consistent = False
