@@ -3,6 +3,7 @@ default)."""
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Literal, Optional, Union
 
@@ -25,8 +26,10 @@ from minilm_sts.training.callbacks.non_finite import NonFiniteLossGuard
 from minilm_sts.training.callbacks.progress import loss_showing_bars
 from minilm_sts.training.callbacks.resume import RandomStreamOnResume
 from minilm_sts.training.callbacks.run_record import RunRecord
+from minilm_sts.training.gradient_cache import MiniBatchLayout, cached_loss, embed_in_pieces, whole_layout
+from minilm_sts.training.guide import Guide
 from minilm_sts.training.host_memory import reuse_freed_host_memory
-from minilm_sts.training.losses import LOSSES, build_losses, loss_of_set
+from minilm_sts.training.losses import LOSSES, BoundLoss, build_losses, loss_of_set
 from minilm_sts.training.optimization import adamw, step_schedule
 
 
@@ -50,11 +53,12 @@ class SentenceEncoderTraining(L.LightningModule):
         compile: run the BERT through `torch.compile` on a padded path (see SentenceEncoder). By default (None)
             it does on a GPU, where it trains 3x faster than the eager path (docs/benchmarks.md), and not on a
             CPU, where the packed eager path is faster.
-        loss: the training loss, a name in `minilm_sts.training.losses.LOSSES`: cosine_mse, cosent, angle or mnrl; or a
-            mapping training set name: loss name, so that each set trains with its own (as sentence-transformers'
-            Trainer takes a dict of losses), e.g. {"quora": "mnrl", "stsb": "cosent"}.
+        loss: the training loss, a name in `minilm_sts.training.losses.LOSSES`: cosine_mse, cosent, angle, mnrl or
+            gist; or a mapping training set name: loss name, so that each set trains with its own (as
+            sentence-transformers' Trainer takes a dict of losses), e.g. {"quora": "mnrl", "stsb": "cosent"}.
         loss_params: the loss's keyword parameters, e.g. {"scale": 20.0} or {"symmetric": True}; with a mapping
-            `loss`, a mapping set name: parameters, e.g. {"quora": {"scale": 20.0}}. Checked here.
+            `loss`, a mapping set name: parameters, e.g. {"quora": {"scale": 20.0}}. Checked here. gist's guide
+            is `pretrained`, loaded at the first step that needs it.
         encoder_config: the BERT architecture. Filled in from `pretrained` on first build and saved in
             checkpoints, so loading a checkpoint builds the model without reading `pretrained`.
     """
@@ -89,6 +93,7 @@ class SentenceEncoderTraining(L.LightningModule):
             self.sentence_encoder = SentenceEncoder(bert, None, max_seq_length, bool(compile), pretrained)
         self.latest_evaluation: dict[str, dict[str, ScoredSet]] = {}
         self._latest_set_loss: dict[str, torch.Tensor] = {}  # each training set's last loss, on the device
+        self._guide: Optional[Guide] = None  # gist's frozen guide, made when first needed; never a submodule
         # Made once, so that a test after a fit in the same trainer adds to the same run record.
         self._non_finite = NonFiniteLossGuard()
         self._callbacks = [SplitEvaluation(), RunRecord(), ValidateBeforeTraining(), RandomStreamOnResume(),
@@ -142,7 +147,18 @@ class SentenceEncoderTraining(L.LightningModule):
     # ----- steps -----------------------------------------------------------------------------------------------
 
     def _pair_embeddings(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.sentence_encoder(batch["input_ids"], batch["lengths"], batch.get("layout")).chunk(2)
+        return self._embeddings(batch).chunk(2)
+
+    def _embeddings(self, batch: dict) -> torch.Tensor:
+        """Every sentence of the batch, column after column."""
+        return self.sentence_encoder(batch["input_ids"], batch["lengths"], whole_layout(batch.get("layout")))
+
+    def _batch_layout(self):
+        """What the loaders make each batch's layout with: the encoder's, and with a cached loss, mini-batches'
+        too (build_losses allows one mini_batch_size per run)."""
+        size = max(loss.mini_batch_size for loss in self._losses.values())
+        layout = self.sentence_encoder.batch_layout
+        return functools.partial(MiniBatchLayout, size=size, batch_layout=layout) if size else layout
 
     def configure_callbacks(self) -> list[L.Callback]:
         """What every run of this module has, from the command line or plain Lightning: whole-split evaluation,
@@ -162,7 +178,7 @@ class SentenceEncoderTraining(L.LightningModule):
             losses = self.losses_for(train_sets) if train_sets else {}
             data.tokenize_with(data.tokenizer or self.tokenizer, data.max_seq_length or self.max_seq_length,
                                [name for name, loss in losses.items() if LOSSES[loss].in_batch_negatives],
-                               self.sentence_encoder.batch_layout)
+                               self._batch_layout())
         own = [callback for callback in self._callbacks if callback not in self.trainer.callbacks]
         return own + loss_showing_bars(self.trainer)
 
@@ -174,18 +190,57 @@ class SentenceEncoderTraining(L.LightningModule):
         """The loss of one batch. Nothing here reads a value back from the device, which would make the host wait
         for the step to finish before it queues the next: the non-finite check stays on the device, and values
         are logged only at logging steps, where the loggers read them anyway."""
-        u, v = self._pair_embeddings(batch)
         per_set = None not in self._losses
-        loss = self._losses[batch["train_set"] if per_set else None](u, v, batch["labels"])
+        metrics: dict[str, torch.Tensor] = {}  # what the loss reports, such as its masked count
+        loss = self._step_loss(self._losses[batch["train_set"] if per_set else None], batch, metrics)
         self._non_finite.record(loss, self.global_step, self.current_epoch, batch_idx)
         if per_set:  # kept on the device, so that a logging step shows every set, not only the one it drew
             self._latest_set_loss[batch["train_set"]] = loss.detach()
         if is_logging_step(self.trainer):
-            self.log("train/loss", loss, batch_size=len(u))
+            rows = len(batch["labels"])
+            self.log("train/loss", loss, batch_size=rows)
             for name, set_loss in self._latest_set_loss.items():  # kinds of loss differ in scale: one curve each
-                self.log(f"train/{name}/loss", set_loss, batch_size=len(u))
-            self.log("train/lr", self.lr_schedulers().get_last_lr()[0], batch_size=len(u))
+                self.log(f"train/{name}/loss", set_loss, batch_size=rows)
+            for name, value in metrics.items():
+                self.log(f"train/{name}", value.float(), batch_size=rows)
+            self.log("train/lr", self.lr_schedulers().get_last_lr()[0], batch_size=rows)
         return loss
+
+    def _step_loss(self, loss: BoundLoss, batch: dict, metrics: dict) -> torch.Tensor:
+        """`loss` of the batch's embeddings; with a mini_batch_size, by GradCache (the same value and gradients,
+        with one mini-batch's activations alive at a time)."""
+        columns = batch.get("columns", 2)
+        if columns > 2 and "negatives" not in loss.inputs:
+            raise UserInputError(f"the batch has {columns - 2} negative columns, but its loss takes pairs only; "
+                                 "train rows with negatives with mnrl or gist")
+        if not loss.mini_batch_size:
+            guide = self._guide_embeddings(batch, [(batch["input_ids"], batch["lengths"], whole_layout(
+                batch.get("layout")))]) if "guide" in loss.inputs else None
+            return self._loss_of_embeddings(loss, self._embeddings(batch), guide, batch, metrics)
+        layout = batch.get("layout")
+        if not isinstance(layout, MiniBatchLayout):  # a batch made elsewhere: its sizes are read back here
+            layout = MiniBatchLayout(batch["lengths"], loss.mini_batch_size, self.sentence_encoder.batch_layout)
+        pieces = list(layout.pieces(batch["input_ids"], batch["lengths"]))
+        guide = self._guide_embeddings(batch, pieces) if "guide" in loss.inputs else None
+        return cached_loss(self.sentence_encoder, pieces,
+                           lambda embeddings: self._loss_of_embeddings(loss, embeddings, guide, batch, metrics))
+
+    @staticmethod
+    def _loss_of_embeddings(loss: BoundLoss, embeddings: torch.Tensor, guide: Optional[torch.Tensor], batch: dict,
+               metrics: dict) -> torch.Tensor:
+        """`loss` of the batch's column-major embeddings (anchors, positives, then any negative columns)."""
+        rows = len(batch["labels"])
+        return loss(embeddings[:rows], embeddings[rows : 2 * rows], batch["labels"],
+                    negatives=embeddings[2 * rows :] if len(embeddings) > 2 * rows else None,
+                    clusters=batch.get("clusters"), guide=guide, metrics=metrics)
+
+    def _guide_embeddings(self, batch: dict, pieces: list[tuple]) -> torch.Tensor:
+        """The frozen guide's embeddings of the batch (loaded from `pretrained` the first time), a mini-batch
+        at a time."""
+        if self._guide is None:
+            self._guide = Guide(self.hparams.pretrained, self.max_seq_length)
+        like = self.sentence_encoder.bert.embeddings.word_embeddings.weight
+        return embed_in_pieces(functools.partial(self._guide.embeddings, like=like), pieces)
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
         """The cosine of each pair; SplitEvaluation scores the whole split from these."""

@@ -56,9 +56,10 @@ def fixed_batch(table, positives_only: bool) -> tuple[list[str], list[str], torc
     return a, b, torch.tensor([table.labels[i] for i in rows])
 
 
-def reference_loss_and_grads(model, loss, a, b, labels):
+def reference_loss_and_grads(model, loss, columns, labels):
+    """The reference loss of the sentence columns (anchors, positives, any negatives) and its gradients."""
     model.zero_grad()
-    value = loss([model.tokenize(a), model.tokenize(b)], labels)
+    value = loss([model.tokenize(column) for column in columns], labels)
     value.backward()
     return value.item(), {re.sub(r"^0\.(auto_)?model\.", "", n): p.grad.clone()
                           for n, p in model.named_parameters() if p.grad is not None}
@@ -79,9 +80,13 @@ def our_loss_and_grads(model, loss, a, b, labels):
 @pytest.mark.parametrize("name", sorted(OUR_LOSSES))
 def test_loss_and_gradients_match_reference(name, reference, ours, stsb_train):
     a, b, labels = fixed_batch(stsb_train, positives_only=name.startswith("mnrl"))
-    expected_loss, expected = reference_loss_and_grads(reference, reference_loss(name, reference), a, b, labels)
+    expected_loss, expected = reference_loss_and_grads(reference, reference_loss(name, reference), [a, b], labels)
     loss, grads = our_loss_and_grads(ours, OUR_LOSSES[name], a, b, labels)
+    assert_matches_reference(loss, grads, expected_loss, expected, ours)
 
+
+def assert_matches_reference(loss: float, grads: dict, expected_loss: float, expected: dict, ours) -> None:
+    """The loss and every trained parameter's gradient within the tolerances of the module docstring."""
     assert abs(loss - expected_loss) <= 1e-5 * abs(expected_loss)
     trained = [n for n, _ in ours.bert.named_parameters() if not n.startswith("pooler.")]  # BERT's pooler is unused
     assert sorted(grads) == sorted(expected) == sorted(trained)
@@ -109,12 +114,15 @@ def test_build_loss_binds_parameters():
 
 
 def test_unknown_loss_names_the_choices():
-    with pytest.raises(UserInputError, match="unknown loss 'cosine'; choose one of: cosine_mse, cosent, angle, mnrl"):
+    with pytest.raises(UserInputError,
+                       match="unknown loss 'cosine'; choose one of: cosine_mse, cosent, angle, mnrl, gist"):
         build_loss("cosine")
 
 
 @pytest.mark.parametrize("name, params, valid", [("cosent", {"temperature": 0.05}, "scale"),
-                                                 ("mnrl", {"symetric": True}, "scale, symmetric"),
+                                                 ("mnrl", {"symetric": True},
+                                                  "scale, symmetric, mask_known_duplicates, gather_across_devices, "
+                                                  "mini_batch_size"),
                                                  ("cosine_mse", {"scale": 20.0}, "none")])
 def test_unknown_parameter_names_the_parameters(name, params, valid):
     with pytest.raises(UserInputError, match=f"loss '{name}' has no parameter '{next(iter(params))}'; "
@@ -134,8 +142,8 @@ def test_bad_parameter_values_are_refused(params, expected):
         build_loss("mnrl", params)
 
 
-def test_only_mnrl_needs_positive_pairs():
-    assert [name for name, spec in LOSSES.items() if spec.in_batch_negatives] == ["mnrl"]
+def test_only_the_in_batch_losses_need_positive_pairs():
+    assert [name for name, spec in LOSSES.items() if spec.in_batch_negatives] == ["mnrl", "gist"]
 
 
 # ----- properties of the losses ------------------------------------------------------------------------------------
