@@ -25,15 +25,18 @@ from minilm_sts.errors import UserInputError
 
 
 def _in_fp32(loss: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-    """Run `loss` on fp32 embeddings and flat fp32 labels with autocast off: under autocast a matrix product
-    would otherwise drop back to half precision, and small differences between similarities decide these losses."""
+    """Run `loss` on embeddings in fp32 (or finer) and flat fp32 labels with autocast off: under autocast a matrix
+    product would otherwise drop back to half precision, and small differences between similarities decide these
+    losses. fp64 embeddings stay fp64, for comparisons below fp32 rounding."""
+
+    def at_least_fp32(x):
+        return x.float() if torch.is_tensor(x) and x.is_floating_point() and x.element_size() < 4 else x
 
     @functools.wraps(loss)
     def in_fp32(u: torch.Tensor, v: torch.Tensor, labels: torch.Tensor, **params) -> torch.Tensor:
-        params = {key: value.float() if torch.is_tensor(value) and value.is_floating_point() else value
-                  for key, value in params.items()}  # negatives and guide embeddings too
+        params = {key: at_least_fp32(value) for key, value in params.items()}  # negatives and guide embeddings too
         with torch.autocast(u.device.type, enabled=False):
-            return loss(u.float(), v.float(), labels.float().view(-1), **params)
+            return loss(at_least_fp32(u), at_least_fp32(v), labels.float().view(-1), **params)
 
     return in_fp32
 
@@ -113,6 +116,13 @@ def _rank_offset(batch: int, across_devices: bool) -> int:
     return torch.distributed.get_rank() * batch if across_devices and _distributed() else 0
 
 
+def _known_duplicates(clusters: Optional[torch.Tensor], mask: bool) -> Optional[torch.Tensor]:
+    """The clusters where `mask_known_duplicates` asks for them, which the batch must then carry."""
+    if mask and clusters is None:
+        raise ValueError("mask_known_duplicates needs each sentence's duplicate cluster, but the batch has none")
+    return clusters if mask else None
+
+
 def _columns(x: Optional[torch.Tensor], batch: int) -> tuple:
     """Column-major rows (anchors, positives, then every negative column) split as (anchors, positives,
     negatives or None); None stays None."""
@@ -174,7 +184,7 @@ def mnrl_loss(u: torch.Tensor, v: torch.Tensor, labels: torch.Tensor, *, scale: 
     _require_positive_pairs("mnrl", labels)
     batch, offset = len(u), _rank_offset(len(u), gather_across_devices)
     own = torch.arange(offset, offset + batch, device=u.device)
-    anchor_ids, positive_ids, negative_ids = _columns(clusters if mask_known_duplicates else None, batch)
+    anchor_ids, positive_ids, negative_ids = _columns(_known_duplicates(clusters, mask_known_duplicates), batch)
     candidate_ids = None if anchor_ids is None else _candidates(positive_ids, negative_ids, gather_across_devices)
     logits = scale * _unit(u) @ _unit(_candidates(v, negatives, gather_across_devices, with_grad=True)).T
     logits, masked = _drop_false_negatives(logits, _same_cluster(anchor_ids, candidate_ids), own)
@@ -217,7 +227,7 @@ def gist_loss(u: torch.Tensor, v: torch.Tensor, labels: torch.Tensor, *, tempera
     guide_anchors, guide_positives, guide_negatives = _columns(guide, batch)
     all_guide_positives = _gathered(guide_positives, gather_across_devices)
     all_positives = _gathered(v, gather_across_devices, with_grad=True)
-    anchor_ids, positive_ids, negative_ids = _columns(clusters if mask_known_duplicates else None, batch)
+    anchor_ids, positive_ids, negative_ids = _columns(_known_duplicates(clusters, mask_known_duplicates), batch)
     all_positive_ids = _gathered(positive_ids, gather_across_devices)
     guided_positive = (_unit(guide_anchors) @ _unit(all_guide_positives).T).diagonal(offset)
     threshold = _guide_threshold(guided_positive, margin_strategy, margin)[:, None]
