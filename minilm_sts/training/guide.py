@@ -17,7 +17,10 @@ class Guide:
     autocast applies to it as to the trained model."""
 
     def __init__(self, pretrained: str, max_seq_length: int):
-        self.encoder = SentenceEncoder.from_pretrained(pretrained, max_seq_length).eval().requires_grad_(False)
+        # Building a BERT draws its initial weights: from a generator of its own, so that making the guide at the
+        # first step leaves the training's random stream (dropout, and a resumed run's replay of it) as it was.
+        with torch.random.fork_rng(devices=[]):
+            self.encoder = SentenceEncoder.from_pretrained(pretrained, max_seq_length).eval().requires_grad_(False)
 
     @torch.no_grad()
     def embeddings(self, input_ids: torch.Tensor, lengths: torch.Tensor, layout: Optional[HostBuiltLayout],

@@ -243,3 +243,101 @@ def test_no_read_back_outside_logging_steps(monkeypatch, tiny_model_dir, pair_fi
                                                 precision="bf16-mixed")
     logging = {step for step in range(len(counts)) if (step + 1) % test_host_sync.LOG_EVERY == 0}
     assert all(count == 0 for step, count in enumerate(counts) if step and step not in logging), counts
+
+
+# ----- GradCache ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parity
+@pytest.mark.slow
+def test_cached_mnrl_matches_reference_and_the_uncached_loss(reference, training, columns):
+    """CachedMultipleNegativesRankingLoss with the same mini-batch size (ours cuts the column-major batch, the
+    reference each column: any cut gives the same loss and gradients without dropout)."""
+    from sentence_transformers.sentence_transformer.losses import CachedMultipleNegativesRankingLoss
+
+    reference_loss = CachedMultipleNegativesRankingLoss(reference, mini_batch_size=5)
+    expected_loss, expected = reference_loss_and_grads(reference, reference_loss, columns, torch.ones(ROWS))
+    loss, grads = our_loss_and_grads(training, build_loss("mnrl", {"mini_batch_size": 5}), batch_of(training, columns))
+    assert_matches_reference(loss, grads, expected_loss, expected, training.sentence_encoder)
+    whole_loss, whole = our_loss_and_grads(training, build_loss("mnrl"), batch_of(training, columns))
+    assert abs(loss - whole_loss) <= 1e-6 * whole_loss
+    for param, grad in grads.items():
+        assert torch.allclose(grad, whole[param], rtol=1e-4, atol=1e-6 * max(g.abs().max() for g in whole.values()))
+
+
+@pytest.mark.parity
+@pytest.mark.slow
+def test_cached_gist_matches_reference(in_fp64, columns):
+    """CachedGISTEmbedLoss takes any number of negative columns, as ours does."""
+    from sentence_transformers.sentence_transformer.losses import CachedGISTEmbedLoss
+
+    reference, reference_guide, training = in_fp64
+    reference_loss = CachedGISTEmbedLoss(reference, reference_guide, mini_batch_size=6, margin=0.02)
+    expected_loss, expected = reference_loss_and_grads(reference, reference_loss, columns, torch.ones(ROWS))
+    loss, grads = our_loss_and_grads(training, build_loss("gist", {"mini_batch_size": 6, "margin": 0.02}),
+                                     batch_of(training, columns))
+    assert_matches_reference(loss, grads, expected_loss, expected, training.sentence_encoder)
+
+
+@pytest.mark.parametrize("loss", [build_loss("mnrl", {"mini_batch_size": 3, "symmetric": True}),
+                                  build_loss("gist", {"mini_batch_size": 4})])
+def test_cached_dropout_replays_the_same_masks(tiny_model_dir, loss):
+    """In train mode the second pass draws the dropout masks of the first: the cached loss and gradients equal
+    those of the same mini-batches embedded with autograd from the same random state (gist's guide, made at the
+    first step, leaves that state alone)."""
+    from minilm_sts.training.gradient_cache import MiniBatchLayout
+
+    module = SentenceEncoderTraining(pretrained=str(tiny_model_dir)).train()
+    columns = [["a man plays", "the dog runs", "a cat eats food", "children play"],
+               ["a man is playing", "dogs run", "the cat is eating", "a child plays"],
+               ["a woman sings", "the car is on the road", "water", "men eat"]]
+    batch = batch_of(module, columns)
+    torch.manual_seed(1)
+    cached_loss, cached = our_loss_and_grads(module, loss, batch)
+
+    torch.manual_seed(1)
+    module.zero_grad()
+    layout = MiniBatchLayout(batch["lengths"], loss.mini_batch_size, module.sentence_encoder.batch_layout)
+    embeddings = torch.cat([module.sentence_encoder(*piece) for piece in layout.pieces(batch["input_ids"],
+                                                                                       batch["lengths"])])
+    pieces = list(layout.pieces(batch["input_ids"], batch["lengths"]))
+    guide = module._guide_embeddings(batch, pieces) if "guide" in loss.inputs else None
+    whole = module._loss_of_embeddings(loss, embeddings, guide, batch, {})
+    whole.backward()
+    assert cached_loss == pytest.approx(whole.item(), rel=1e-6)
+    for name, param in module.sentence_encoder.bert.named_parameters():
+        if param.grad is not None:
+            assert torch.allclose(cached[name], param.grad, rtol=1e-4, atol=1e-7), name
+
+
+@pytest.mark.slow
+def test_a_cached_training_step_equals_an_uncached_one_under_fp16_scaling_and_clipping(tiny_model_dir, pair_files):
+    """Lightning's automatic optimization with 16-mixed (the loss scaled before backward; the gradients unscaled and
+    clipped, here to a norm of 0.05, before the fused AdamW step): without dropout, cached mnrl leaves the
+    gradients that mnrl does, up to fp16 rounding, which the two ways of batching the encoder calls round apart."""
+    import lightning as L
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    from minilm_sts.data.pair_data_module import PairDataModule
+
+    def gradient_after_a_step(loss_params):
+        L.seed_everything(0)
+        model = SentenceEncoderTraining(pretrained=str(tiny_model_dir), loss="mnrl", loss_params=loss_params,
+                                        max_grad_norm=0.05)
+        for module in model.modules():  # dropout off, so both sides compute the same function
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+            if hasattr(module, "dropout_p"):
+                module.dropout_p = 0.0
+        data = PairDataModule(str(pair_files["train"]), str(pair_files["val"]), None, batch_size=8,
+                              forgetting_guard=False)
+        trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, limit_val_batches=0,
+                            enable_progress_bar=False,
+                            plugins=[MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu"))])
+        trainer.fit(model, data)
+        return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    cached, whole = gradient_after_a_step({"mini_batch_size": 3}), gradient_after_a_step({})
+    assert whole.norm() == pytest.approx(0.05, rel=1e-3)  # unscaled and clipped
+    assert cached.norm() == pytest.approx(whole.norm(), rel=1e-3)
+    assert torch.nn.functional.cosine_similarity(cached, whole, dim=0) > 0.9999
