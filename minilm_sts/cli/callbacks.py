@@ -1,5 +1,5 @@
 """Callbacks the recipes use: how long a fit runs and its closing validation, `last.ckpt` at every validation,
-export of the best checkpoint at the end of fit, and a checkpoint on SIGTERM."""
+export of the run's model at the end of fit, and a checkpoint on SIGTERM."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from lightning.pytorch.utilities.model_summary import get_human_readable_count
 
 from minilm_sts._compat import epoch_batches_fetched
 from minilm_sts.serving.export import export_with_card
+from minilm_sts.training.callbacks.merge import merged_checkpoint
 
 
 def training_length(max_steps: int, max_epochs: int, steps_per_epoch: int) -> str:
@@ -68,8 +69,9 @@ class FitPlan(L.Callback):
 
 
 class ExportBest(L.Callback):
-    """At the end of `fit`, export the best checkpoint (by the checkpoint monitor; the last one if none was
-    ranked) as a sentence-transformers folder with its model card. Off unless `dirpath` is set."""
+    """At the end of `fit`, export the run's model as a sentence-transformers folder with its model card: the
+    merge with the base when the run made one (MergeWithBase), otherwise the best checkpoint (by the checkpoint
+    monitor; the last one if none was ranked). Off unless `dirpath` is set."""
 
     def __init__(self, dirpath: Optional[str] = None, overwrite: bool = False):
         self.dirpath = dirpath
@@ -80,7 +82,8 @@ class ExportBest(L.Callback):
         if not self.dirpath:
             return
         ranked = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-        source = ranked or max((c.last_model_path for c in trainer.checkpoint_callbacks), default="")
+        last = max((c.last_model_path for c in trainer.checkpoint_callbacks), default="")
+        source = merged_checkpoint(trainer) or ranked or last
         if not source:
             raise RuntimeError("ExportBest needs a saved checkpoint; enable checkpointing")
         out = export_with_card(Path(source), Path(self.dirpath), overwrite=self.overwrite)

@@ -26,6 +26,7 @@ from minilm_sts.errors import UserInputError
 from minilm_sts.hardware import cpu_precision
 from minilm_sts.model.checkpoint import check_checkpoint
 from minilm_sts.training.callbacks.checkpoints import LastCheckpoint, SaveOnTerminate
+from minilm_sts.training.callbacks.merge import MergeWithBase, merged_checkpoint
 from minilm_sts.training.run_folder import run_folder
 
 # The embedded default recipe: fine-tune on the packaged STS Benchmark (configs/stsb.yaml points here).
@@ -80,6 +81,9 @@ class MiniLMCLI(TrainerCallbacksCLI, LightningCLI):
             "checkpoint.auto_insert_metric_name": False,
         })
         parser.add_lightning_class_args(LastCheckpoint, "periodic_checkpoint")
+        # Before export: callbacks run in this order, and export takes the merged model when there is one.
+        parser.add_lightning_class_args(MergeWithBase, "merge")
+        parser.set_defaults({"merge.enabled": False})  # a recipe turns it on (duplicates)
         parser.add_lightning_class_args(ExportBest, "export")
 
     def before_instantiate_classes(self) -> None:
@@ -181,12 +185,15 @@ def closing_summary(trainer) -> str:
                      f"{float(best_writer.best_model_score):.4f} at step {step})")
     if last:
         lines.append(f"Last checkpoint: {last}")
+    merged = merged_checkpoint(trainer)
+    if merged:
+        lines.append(f"Merged with the base: {merged} (the run's model; last.ckpt keeps the fine-tuned weights)")
     if not trainer.checkpoint_callbacks:
         lines.append("No checkpoints: --trainer.enable_checkpointing is false.")
     wandb_line = wandb_run_line(trainer)
     if wandb_line:
         lines.append(wandb_line)
-    chosen = best_writer.best_model_path if best_writer else last
+    chosen = merged or (best_writer.best_model_path if best_writer else last)
     if chosen:
         test = shlex.join(["python", "-m", "minilm_sts", "test", "--config", str(folder / "config.yaml"),
                            "--ckpt_path", chosen])

@@ -10,15 +10,17 @@ from minilm_sts.atomic import staged_folder
 from minilm_sts.errors import MissingInputError, OutputExistsError
 from minilm_sts.model.checkpoint import check_checkpoint, encoder_from_checkpoint, read_run_record
 from minilm_sts.model.sentence_encoder import SentenceEncoder
+from minilm_sts.serving.merge_picture import MERGE_PICTURE, save_merge_picture
 from minilm_sts.serving.model_card import render_deployment, render_model_card
 from minilm_sts.serving.onnx_export import require_onnx, write_onnx_files
 
 
-def export_model(encoder: SentenceEncoder, out_dir: str | Path, model_card: str | None = None,
-                 overwrite: bool = False, onnx: bool = False, onnx_int8: bool = False) -> Path:
+def export_model(encoder: SentenceEncoder, out_dir: str | Path, model_card: str | None = None, overwrite: bool = False,
+                 onnx: bool = False, onnx_int8: bool = False, merge: dict | None = None) -> Path:
     """Write `encoder`, and `model_card` as README.md, to `out_dir`. The folder appears complete or not at all.
     `onnx` adds onnx/model.onnx, `onnx_int8` that and its int8 quantization, both checked against PyTorch
-    (ExportParityError, and nothing written, if the fp32 graph is off) with the figures added to the card."""
+    (ExportParityError, and nothing written, if the fp32 graph is off) with the figures added to the card.
+    `merge`, a run record's merge with the base, adds the picture of its curve that the card shows."""
     out_dir = Path(out_dir)
     if onnx or onnx_int8:
         require_onnx()  # before any work
@@ -32,6 +34,8 @@ def export_model(encoder: SentenceEncoder, out_dir: str | Path, model_card: str 
             model_card = None if model_card is None else model_card + "\n" + render_deployment(parity)
         if model_card is not None:
             (staging / "README.md").write_text(model_card, encoding="utf-8")
+        if merge:
+            save_merge_picture(merge, staging / MERGE_PICTURE)
     return out_dir
 
 
@@ -52,4 +56,5 @@ def export_with_card(source: Path, out_dir: Path, overwrite: bool = False, onnx:
                    "encoder_config": encoder.bert.config.to_dict()}
     else:
         raise MissingInputError(f"{source}: no such checkpoint file or model folder")
-    return export_model(encoder.eval(), out_dir, render_model_card(hparams, run), overwrite, onnx, onnx_int8)
+    return export_model(encoder.eval(), out_dir, render_model_card(hparams, run), overwrite, onnx, onnx_int8,
+                        (run or {}).get("merge"))

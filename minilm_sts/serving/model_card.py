@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 from minilm_sts.data.pair_data_module import GUARD_NAME, GUARD_SOURCE
 from minilm_sts.hardware import describe_machine, machine
+from minilm_sts.serving.merge_picture import MERGE_PICTURE
 from minilm_sts.training.losses import LOSSES, loss_of_set
 
 # Each loss as sentence-transformers' equivalent class and the parameters its cards list beside ours.
@@ -42,6 +43,7 @@ def render_model_card(hparams: Mapping, run: dict | None = None) -> str:
         _details(h, train),
         _usage(),
         _evaluation(run),
+        _merge(run),
         _training(h, run, train),
         _versions(run),
     ]
@@ -195,8 +197,40 @@ def _guard_line(run) -> str:
     after = run.get("evaluation", {}).get("val", {}).get(GUARD_NAME)
     if not before or not after or not run.get("log"):
         return ""
+    merged = f", merged with the base at α = {run['merge']['chosen']:g}" if run.get("merge") else ""
     return (f"\n\n**Forgetting guard:** STS-B dev (`{GUARD_SOURCE}`) spearman_cosine {before['spearman_cosine']:.4f} "
-            f"before training → {after['spearman_cosine']:.4f} after (step {run['log'][-1]['step']}).")
+            f"before training → {after['spearman_cosine']:.4f} after (step {run['log'][-1]['step']}{merged}).")
+
+
+def _merge(run) -> str:
+    """The merge with the base that the run chose (MergeWithBase): the rule, the whole curve as a table, and its
+    picture, which export writes beside the card."""
+    merge = run.get("merge")
+    if not merge:
+        return ""
+    chosen, guard = merge["chosen"], merge["guard"]
+    step = f" (step {run['log'][-1]['step']})" if run.get("log") else ""
+    if guard is None:
+        rule = f"the best `{merge['monitor']}` (the run validated on no STS-B dev set to guard against forgetting)"
+    else:
+        rule = (f"the best `{merge['monitor']}` among the α whose forgetting guard (`{guard}`) is at least the base "
+                "model's (α = 0)")
+    outcome = (" No merge with the fine-tuned weights kept the guard: this is the base model."
+               if guard is not None and chosen == 0 else "")
+    header = [_row(["α", merge["monitor"], *([f"{guard} (guard)", "guard kept"] if guard else []), ""]),
+              _row(["---"] * (3 + 2 * bool(guard)))]
+    base_guard = next(row["guard"] for row in merge["curve"] if row["alpha"] == 0)  # None without a guard
+    rows = []
+    for row in merge["curve"]:
+        cells = [f"{row['alpha']:g}", f"{row['dev']:.4f}"]
+        if guard:
+            cells += [f"{row['guard']:.4f}", "yes" if row["guard"] >= base_guard else "no"]
+        rows.append(_row([f"**{c}**" for c in cells] + ["**chosen**"] if row["alpha"] == chosen else cells + [""]))
+    return (f"### Merging with the base\n\nThis model is θ(α) = (1 − α)·θ_base + α·θ_tuned at α = **{chosen:g}**: the "
+            f"weights at the end of fine-tuning{step} merged with those of the base model `{merge['base']}` "
+            f"(WiSE-FT). The run scored each α on the validation sets and kept {rule}.{outcome} The metrics above "
+            "are this model's.\n\n" + "\n".join(header + rows)
+            + f"\n\n![{merge['monitor']} and the guard against α]({MERGE_PICTURE})")
 
 
 def _training(h, run, train) -> str:

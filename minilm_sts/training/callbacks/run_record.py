@@ -20,8 +20,9 @@ class RunRecord(L.Callback):
     sample rows), the data and trainer settings (the precision that really ran), the default of every module and
     data setting (so the card can tell which were changed), the machine (`hardware.machine`), the checkpoint
     monitor, framework versions, a row per validation (epoch, step, mean training loss since the previous
-    validation, the monitored set's metrics), every evaluation set's latest metrics (`evaluation[stage][set]`)
-    and, when the base model was validated before training, every set's metrics then (`before_training[set]`).
+    validation, the monitored set's metrics), every evaluation set's latest metrics (`evaluation[stage][set]`),
+    when the base model was validated before training, every set's metrics then (`before_training[set]`) and,
+    when the run merged its weights with the base, the merge (`merge`, see MergeWithBase).
 
     It reads each validation's scores from the module's `latest_evaluation`, which SplitEvaluation fills. Kept in
     checkpoints through `state_dict`; checkpoints written before it was a callback hold it under a top-level key
@@ -66,6 +67,12 @@ class RunRecord(L.Callback):
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         sets = pl_module.latest_evaluation.get("test", {})
         self.record["evaluation"]["test"] = {name: scored.metrics for name, scored in sets.items()}
+
+    def record_merge(self, merge: dict, chosen: dict[str, dict[str, float]]) -> None:
+        """The merge with the base that MergeWithBase chose (`merge`: its curve and α), and the validation metrics
+        of the model the run now ends with, θ(α), in place of the fine-tuned weights' (the curve keeps theirs)."""
+        self.record["merge"] = merge
+        self.record["evaluation"]["val"] = chosen
 
     def state_dict(self) -> dict:
         return {"record": self.record, "loss_since_validation": [loss.item() for loss in self._losses]}
