@@ -4,11 +4,13 @@ the curve in its run record and a merged checkpoint beside an untouched last.ckp
 
 import csv
 import re
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import WandbLogger
 
 import minilm_sts.training.callbacks.merge as merge_module
 from minilm_sts.data.pair_data_module import PairDataModule
@@ -24,6 +26,7 @@ from minilm_sts.training.callbacks.merge import (
     checked_alphas,
     choose_alpha,
     interpolate,
+    log_curve,
 )
 from minilm_sts.training.callbacks.run_record import RunRecord
 from minilm_sts.training.sentence_encoder_training import SentenceEncoderTraining
@@ -162,6 +165,21 @@ def test_the_card_gives_the_curve_the_rule_and_the_outcome():
     unguarded = card_of({"guard": None, "chosen": 1.0, "curve": curve((0.0, 0.80, None), (1.0, 0.85, None))})
     assert "| α | val/cosine_mrr@10 |  |\n| --- | --- | --- |\n| 0 | 0.8000 |  |\n" in unguarded
     assert "no STS-B dev set" in unguarded
+
+
+def test_wandb_gets_the_curve_as_a_table_and_a_chart(tmp_path, monkeypatch):
+    logger = WandbLogger(project="merge", save_dir=str(tmp_path))  # disabled (conftest): what it is given is kept
+    logged = {}
+    monkeypatch.setattr(logger, "log_metrics", lambda metrics, step=None: logged.update(metrics))
+    monkeypatch.setattr(logger.experiment, "log", lambda values: logged.update(values))
+    merge = {"monitor": "val/cosine_mrr@10", "guard": "val/stsb/spearman_cosine", "chosen": 0.5,
+             "curve": curve((0.0, 0.80, 0.85), (0.5, 0.83, 0.851), (1.0, 0.85, 0.84))}
+    log_curve(SimpleNamespace(loggers=[logger], global_step=7), merge)
+    assert (logged["merge/alpha"], logged["merge/val/cosine_mrr@10"], logged["merge/val/stsb/spearman_cosine"]) == (
+        0.5, 0.83, 0.851)
+    assert logged["merge/curve"].columns == ["alpha", "val/cosine_mrr@10", "val/stsb/spearman_cosine"]
+    assert logged["merge/curve"].data == [[0.0, 0.80, 0.85], [0.5, 0.83, 0.851], [1.0, 0.85, 0.84]]
+    assert "merge/curve_chart" in logged
 
 
 def test_the_picture_draws_one_panel_per_curve(tmp_path):
