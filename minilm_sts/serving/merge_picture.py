@@ -24,14 +24,15 @@ def save_merge_picture(merge: dict, path: Path) -> Path:
     height = MARGIN + len(panels) * PANEL_HEIGHT + MARGIN // 2
     image = Image.new("RGB", (WIDTH, height), BACKGROUND)
     draw = ImageDraw.Draw(image)
-    draw.text((MARGIN, 12), f"Merge with the base: θ(α) = (1-α)·base + α·fine-tuned, chosen α = {merge['chosen']:g}",
-              fill=TEXT)
+    # ASCII only: Pillow's default font has no Greek letters.
+    draw.text((MARGIN, 12), f"Merge with the base: (1 - alpha) * base + alpha * fine-tuned; chosen alpha = "
+              f"{merge['chosen']:g}", fill=TEXT)
     for index, (name, values, reference) in enumerate(panels):
         top = MARGIN // 2 + 8 + index * PANEL_HEIGHT
         _panel(draw, top, top + PANEL_HEIGHT - 40, alphas, values, name, COLOURS[index], reference)
     chosen_x = _x(merge["chosen"])
     draw.line((chosen_x, MARGIN // 2 + 8, chosen_x, height - MARGIN // 2 - 24), fill=CHOSEN, width=1)
-    draw.text(((WIDTH - MARGIN) // 2, height - 22), "α (0: base, 1: fine-tuned)", fill=TEXT)
+    draw.text(((WIDTH - MARGIN) // 2 - 40, height - 22), "alpha (0: base, 1: fine-tuned)", fill=TEXT)
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path)
     return path
