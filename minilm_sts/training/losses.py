@@ -232,10 +232,11 @@ def gist_loss(u: torch.Tensor, v: torch.Tensor, labels: torch.Tensor, *, tempera
     guided_positive = (_unit(guide_anchors) @ _unit(all_guide_positives).T).diagonal(offset)
     threshold = _guide_threshold(guided_positive, margin_strategy, margin)[:, None]
 
-    def block(rows_, columns, guide_rows, guide_columns, row_ids, column_ids, own_columns, keep_own):
-        false_negative = _either(_unit(guide_rows) @ _unit(guide_columns).T > threshold,
-                                 _same_cluster(row_ids, column_ids))
-        return _drop_false_negatives(_unit(rows_) @ _unit(columns).T, false_negative, own_columns, keep_own)
+    def block(left, right, guide_left, guide_right, left_ids, right_ids, own_columns, keep_own):
+        """Cosines of the rows of `left` with those of `right`, false negatives dropped, and their count."""
+        guided = _unit(guide_left) @ _unit(guide_right).T
+        false_negative = _either(guided > threshold, _same_cluster(left_ids, right_ids))
+        return _drop_false_negatives(_unit(left) @ _unit(right).T, false_negative, own_columns, keep_own)
 
     blocks = [block(u, all_positives, guide_anchors, all_guide_positives, anchor_ids, all_positive_ids, own, True)]
     if contrast_anchors:
