@@ -20,6 +20,7 @@ between the table's markers is replaced.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import statistics
 import subprocess
@@ -49,8 +50,14 @@ class Recipe:
     name: str
     config: str | None  # None: the base model, untrained
     data: str  # the training data, as the table states it
-    train_path: str = ""  # --data.train_path, with {quora} and {dup_random} standing for the train files
+    train_path: str = ""  # --data.train_path, with {quora}, {dup_random}, {mined}, {mined_unmasked} for the files
     seeds: tuple[int, ...] = (42,)
+    overrides: tuple[str, ...] = ()  # further command-line arguments of the run
+    batch_size: int = 32  # a larger batch trains on the same number of pairs in proportionally fewer steps
+    run_name: str = ""  # the run folder's name, where several recipes share a config
+
+    def steps(self, pairs_budget_steps: int) -> int:
+        return pairs_budget_steps * 32 // self.batch_size
 
 
 def recipes(seeds: tuple[int, ...]) -> list[Recipe]:
@@ -63,6 +70,26 @@ def recipes(seeds: tuple[int, ...]) -> list[Recipe]:
                "{dup_random}"),
         Recipe("ours (`configs/duplicates.yaml`)", "configs/duplicates.yaml", "Quora (hard negatives) + STS-B train",
                "{{duplicates: {quora}, stsb: builtin:stsb/train}}", seeds),
+        *mined_recipes(seeds),
+    ]
+
+
+MINED_CONFIG = "configs/duplicates_mined.yaml"
+MINED_DATA = "Quora mined triplets{} + STS-B train"
+
+
+def mined_recipes(seeds: tuple[int, ...]) -> list[Recipe]:
+    """The recipe with mined hard negatives, and the variants that test each of its parts."""
+    masked = "{{duplicates: {mined}, stsb: builtin:stsb/train}}"
+    return [
+        Recipe(f"mined negatives (`{MINED_CONFIG}`)", MINED_CONFIG, MINED_DATA.format(""), masked, seeds),
+        Recipe("mined negatives, no cluster masking", MINED_CONFIG, MINED_DATA.format(" (mined unmasked)"),
+               "{{duplicates: {mined_unmasked}, stsb: builtin:stsb/train}}",
+               overrides=("--model.loss_params", "{duplicates: {mask_known_duplicates: false}}"),
+               run_name="mined-unmasked"),
+        Recipe("mined negatives, batch 256 (GradCache, mini-batch 32)", MINED_CONFIG, MINED_DATA.format(""), masked,
+               overrides=("--model.loss_params", "{duplicates: {mask_known_duplicates: true, mini_batch_size: 32}}"),
+               batch_size=256, run_name="mined-batch256"),
     ]
 
 
@@ -74,6 +101,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--dev-rows", type=int, default=5000, help="score on the first N rows of Quora dev")
     parser.add_argument("--steps", type=int, default=1000, help="training steps of every run (at most 2000 here)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 43], help="seeds of our recipe's runs")
+    parser.add_argument("--mine-positives", type=int, default=40000,
+                        help="mine negatives for the first N positive pairs of Quora train, among the sentences of "
+                             "the train rows up to the last of them")
+    parser.add_argument("--retrain", nargs="*", default=None, metavar="RECIPE",
+                        help="train and score only these recipes (by name, as in the table) and keep the other rows "
+                             "of the existing .json; by default every recipe is trained")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "quality")
     parser.add_argument("--output", type=Path, default=ROOT / "docs" / "quality.md")
     return parser.parse_args()
@@ -82,40 +115,129 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
+    dev_lines = open(args.quora / "dev.tsv", encoding="utf-8").readlines()
     dev = args.work / f"quora_dev_first{args.dev_rows}.tsv"
-    dev.write_text("".join(open(args.quora / "dev.tsv", encoding="utf-8").readlines()[: args.dev_rows + 1]),
-                   encoding="utf-8")
+    dev.write_text("".join(dev_lines[: args.dev_rows + 1]), encoding="utf-8")
+    # The runs validate (and a merge chooses its α) on the next rows, so that the scored rows choose nothing.
+    selection = args.work / f"quora_dev_next{args.dev_rows}.tsv"
+    selection.write_text("".join(dev_lines[:1] + dev_lines[args.dev_rows + 1 : 2 * args.dev_rows + 1]),
+                         encoding="utf-8")
     score = Scorer(dev)
-    train_files = {"quora": args.quora / "train.tsv", "dup_random": args.quora_dup_random / "train.tsv"}
+    kept = kept_results(args.output.with_suffix(".json"), args.retrain)
     results = []
     for recipe in recipes(tuple(args.seeds)):
         for seed in recipe.seeds:
+            if (recipe.name, seed) in kept:
+                names = (before_merge(recipe.name), recipe.name)
+                results += [kept[name, seed] for name in names if (name, seed) in kept]
+                continue
             started = time.time()
             if recipe.config is None:
                 model = SentenceEncoder.from_pretrained(DEFAULT_MODEL)
             else:
-                model = load(train(recipe, seed, recipe.train_path.format(**train_files), dev, args.steps, args.work))
-            results.append({"recipe": recipe.name, "data": recipe.data, "seed": seed, **score(model)})
+                train_path = recipe.train_path.format(**train_files(args, recipe))
+                made = train(recipe, seed, train_path, selection, args.steps, args.work)
+                if made.name != "last.ckpt":  # what the merge changed: the fine-tuned model, scored alike
+                    results.append(scored(recipe, seed, before_merge(recipe.name), made.parent / "last.ckpt", score))
+                model = load(made)
+            results.append({"recipe": recipe.name, "data": recipe.data, "seed": seed,
+                            "measured": time.strftime("%Y-%m-%d"), **score(model)})
             print(f"{recipe.name} seed {seed}: {results[-1]} ({time.time() - started:.0f} s)", file=sys.stderr)
     args.output.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
     write_table(args.output, render(results, args, len(score.retrieval.corpus)))
 
 
-def train(recipe: Recipe, seed: int, train_path: str, dev: Path, steps: int, work: Path) -> Path:
-    """Fit through the command line, validating only at the end (the dev rows, also as retrieval, under the name
-    the duplicates recipe gives them); returns the last checkpoint."""
-    run_dir = work / f"{Path(recipe.config).stem}-seed{seed}-{steps}steps"
-    last = run_dir / "checkpoints" / "last.ckpt"
-    if last.is_file() and (run_dir / "finished").is_file():
-        return last
+def scored(recipe: Recipe, seed: int, name: str, checkpoint: Path, score: "Scorer") -> dict:
+    return {"recipe": name, "data": recipe.data, "seed": seed, "measured": time.strftime("%Y-%m-%d"),
+            **score(load(checkpoint))}
+
+
+def before_merge(name: str) -> str:
+    return f"{name}, before the merge"
+
+
+def kept_results(path: Path, retrain: list[str] | None) -> dict[tuple[str, int], dict]:
+    """The rows of an earlier table to keep, by (recipe, seed): all but the --retrain recipes' (and their rows
+    before the merge) when that is given."""
+    if retrain is None or not path.is_file():
+        return {}
+    return {(r["recipe"], r["seed"]): r for r in json.loads(path.read_text())
+            if not any(r["recipe"] in (name, before_merge(name)) for name in retrain)}
+
+
+def train_files(args: argparse.Namespace, recipe: Recipe) -> dict[str, Path]:
+    """The files `recipe.train_path` names, mining the triplets it needs (once: later runs reuse them)."""
+    files = {"quora": args.quora / "train.tsv", "dup_random": args.quora_dup_random / "train.tsv"}
+    for name, masked in (("mined", True), ("mined_unmasked", False)):
+        if f"{{{name}}}" in recipe.train_path:
+            files[name] = mined_triplets(args.quora / "train.tsv", args.mine_positives, args.work, masked)
+    return files
+
+
+def mined_triplets(train: Path, positives: int, work: Path, cluster_masking: bool) -> Path:
+    """Hard negatives for the first `positives` positive pairs of `train`, mined by the base model through the
+    command line, with or without cluster masking: 3 negatives each at a relative margin of 0.05 (NV-Retriever's
+    setting), of which the recipes train on the first, the hardest. Kept in `work`."""
+    anchors, corpus = work / f"quora_train_first{positives}_positives.tsv", work / f"quora_train_corpus{positives}.txt"
+    if not anchors.is_file():
+        write_mining_inputs(train, positives, anchors, corpus)
+    name = "mined" if cluster_masking else "mined_unmasked"
+    three, one = work / f"{name}{positives}_3neg.tsv", work / f"{name}{positives}.tsv"
+    if not three.is_file():
+        subprocess.run([sys.executable, "-m", "minilm_sts", "mine-negatives", str(anchors), "--corpus", str(corpus),
+                        "--output", str(three), "--num-negatives", "3", "--relative-margin", "0.05",
+                        "--batch-size", "128", *([] if cluster_masking else ["--no-cluster-masking"])],
+                       check=True, cwd=ROOT)
+    if not one.is_file():
+        keep_first_negative(three, one)
+    return one
+
+
+def keep_first_negative(mined: Path, triplets: Path) -> None:
+    with open(mined, encoding="utf-8", newline="") as source, open(triplets, "w", encoding="utf-8", newline="") as out:
+        rows = csv.reader(source, delimiter="\t")
+        next(rows)
+        csv.writer(out, delimiter="\t").writerows([["anchor", "positive", "negative"], *(row[:3] for row in rows)])
+
+
+def write_mining_inputs(train: Path, positives: int, anchors: Path, corpus: Path) -> None:
+    """The first `positives` rows labelled 1.0 of `train`, and every distinct sentence of the rows up to the last."""
+    kept, sentences = [], {}
+    with open(train, encoding="utf-8", newline="") as source:
+        for row in csv.DictReader(source, delimiter="\t"):
+            sentences.setdefault(row["sentence_0"])
+            sentences.setdefault(row["sentence_1"])
+            if row["label"] == "1.0":
+                kept.append([row["sentence_0"], row["sentence_1"], "1.0"])
+                if len(kept) == positives:
+                    break
+    with open(anchors, "w", encoding="utf-8", newline="") as out:
+        csv.writer(out, delimiter="\t").writerows([["sentence_0", "sentence_1", "label"], *kept])
+    corpus.write_text("".join(f"{sentence}\n" for sentence in sentences), encoding="utf-8")
+
+
+def train(recipe: Recipe, seed: int, train_path: str, selection: Path, budget_steps: int, work: Path) -> Path:
+    """Fit through the command line, validating only at the end (the selection rows, also as retrieval, under the
+    name the duplicates recipe gives them, and STS-B dev where the run trains on STS-B, which turns the automatic
+    forgetting guard off); returns the model the run made: its merge where it merged, else its last checkpoint."""
+    steps = recipe.steps(budget_steps)
+    run_dir = work / f"{recipe.run_name or Path(recipe.config).stem}-seed{seed}-{steps}steps"
+    if not (run_dir / "finished").is_file():
+        stsb_dev = ", stsb: builtin:stsb/dev" if "builtin:stsb/train" in train_path else ""
+        fit(recipe, seed, steps, [f"--data.train_path={train_path}",
+                                  f"--data.val_path={{duplicates: {selection}{stsb_dev}}}"], run_dir)
+    merged = sorted((run_dir / "checkpoints").glob("merged-alpha*.ckpt"))
+    return merged[0] if merged else run_dir / "checkpoints" / "last.ckpt"
+
+
+def fit(recipe: Recipe, seed: int, steps: int, data: list[str], run_dir: Path) -> None:
     command = [sys.executable, "-m", "minilm_sts", "fit", "--config", str(ROOT / recipe.config),
-               "--seed_everything", str(seed), "--data.train_path", train_path,
-               "--data.val_path", f"{{duplicates: {dev}}}", "--data.retrieval", "[duplicates]",
+               "--seed_everything", str(seed), *data, "--data.retrieval", "[duplicates]",
                "--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(steps),
-               "--trainer.logger", "false", "--trainer.default_root_dir", str(run_dir)]
+               "--trainer.logger", "false", "--trainer.default_root_dir", str(run_dir),
+               "--data.batch_size", str(recipe.batch_size), *recipe.overrides]
     subprocess.run(command, check=True, cwd=ROOT)
     (run_dir / "finished").touch()
-    return last
 
 
 class Scorer:

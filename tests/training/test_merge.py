@@ -195,12 +195,15 @@ def test_the_picture_draws_one_panel_per_curve(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_duplicates_recipe_exports_the_merge_it_chose_with_the_curve_in_its_card(tiny_model_dir, pair_files,
-                                                                                      tmp_path):
+def test_the_mined_duplicates_recipe_exports_the_merge_it_chose_with_the_curve_in_its_card(tiny_model_dir,
+                                                                                            pair_files, tmp_path):
     graded = read_pairs(str(pair_files["train"]))
     binary = [[a, b, float(label >= 0.5)] for a, b, label in zip(graded.sentences_a, graded.sentences_b, graded.labels)]
-    train, dev = write_tsv(tmp_path / "train.tsv", binary), write_tsv(tmp_path / "dev.tsv", binary[:16])
-    result = cli("fit", "--config", "duplicates", "--model.pretrained", str(tiny_model_dir),
+    # Triplets as mine-negatives writes them; each anchor's negative is the next row's second sentence.
+    triplets = [[a, b, binary[(i + 1) % len(binary)][1]] for i, (a, b, label) in enumerate(binary) if label == 1.0]
+    train = write_tsv(tmp_path / "train.tsv", triplets, header=("anchor", "positive", "negative"))
+    dev = write_tsv(tmp_path / "dev.tsv", binary[:16])
+    result = cli("fit", "--config", "duplicates_mined", "--model.pretrained", str(tiny_model_dir),
                  "--data.train_path", f"{{duplicates: {train}, stsb: builtin:stsb/train}}",
                  "--data.val_path", f"{{duplicates: {dev}, stsb: builtin:stsb/dev}}", "--trainer.max_steps", "2",
                  "--trainer.val_check_interval", "2", "--trainer.precision", "32", "--export.dirpath", "model",
