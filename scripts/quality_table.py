@@ -105,8 +105,8 @@ def parse_args() -> argparse.Namespace:
                         help="mine negatives for the first N positive pairs of Quora train, among the sentences of "
                              "the train rows up to the last of them")
     parser.add_argument("--retrain", nargs="*", default=None, metavar="RECIPE",
-                        help="train and score only these recipes (by name, as in the table) and keep the other rows "
-                             "of the existing .json; by default every recipe is trained")
+                        help="train and score only these recipes (by name, as in the table), keep the other rows "
+                             "of the existing .json and leave out recipes it lacks; by default every recipe is trained")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "quality")
     parser.add_argument("--output", type=Path, default=ROOT / "docs" / "quality.md")
     return parser.parse_args()
@@ -127,7 +127,7 @@ def main() -> None:
     results = []
     for recipe in recipes(tuple(args.seeds)):
         for seed in recipe.seeds:
-            if (recipe.name, seed) in kept:
+            if args.retrain is not None and recipe.name not in args.retrain:
                 names = (before_merge(recipe.name), recipe.name)
                 results += [kept[name, seed] for name in names if (name, seed) in kept]
                 continue
