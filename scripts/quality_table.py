@@ -132,24 +132,22 @@ def main() -> None:
                 results += [kept[name, seed] for name in names if (name, seed) in kept]
                 continue
             started = time.time()
+            run = {"data": recipe.data, "seed": seed, "measured": time.strftime("%Y-%m-%d"),
+                   "steps": recipe.steps(args.steps) if recipe.config else 0, "batch_size": recipe.batch_size}
             if recipe.config is None:
                 model = SentenceEncoder.from_pretrained(DEFAULT_MODEL)
             else:
                 train_path = recipe.train_path.format(**train_files(args, recipe))
                 made = train(recipe, seed, train_path, selection, args.steps, args.work)
                 if made.name != "last.ckpt":  # what the merge changed: the fine-tuned model, scored alike
-                    results.append(scored(recipe, seed, before_merge(recipe.name), made.parent / "last.ckpt", score))
+                    before = load(made.parent / "last.ckpt")
+                    results.append({"recipe": before_merge(recipe.name), **run, "alpha": 1.0, **score(before)})
+                    run["alpha"] = float(made.stem.removeprefix("merged-alpha"))
                 model = load(made)
-            results.append({"recipe": recipe.name, "data": recipe.data, "seed": seed,
-                            "measured": time.strftime("%Y-%m-%d"), **score(model)})
+            results.append({"recipe": recipe.name, **run, **score(model)})
             print(f"{recipe.name} seed {seed}: {results[-1]} ({time.time() - started:.0f} s)", file=sys.stderr)
     args.output.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
     write_table(args.output, render(results, args, len(score.retrieval.corpus)))
-
-
-def scored(recipe: Recipe, seed: int, name: str, checkpoint: Path, score: "Scorer") -> dict:
-    return {"recipe": name, "data": recipe.data, "seed": seed, "measured": time.strftime("%Y-%m-%d"),
-            **score(load(checkpoint))}
 
 
 def before_merge(name: str) -> str:
@@ -265,25 +263,29 @@ def pair_cosine(model: SentenceEncoder, table) -> torch.Tensor:
 
 def render(results: list[dict], args: argparse.Namespace, corpus: int) -> str:
     """A row per run, and for a recipe run with several seeds a row of their mean and spread (max - min)."""
-    header = ["Recipe", "Trained on", "Seed", *COLUMNS.values()]
+    header = ["Recipe", "Trained on", "Steps × batch", "Merge α", "Seed", *COLUMNS.values()]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name in dict.fromkeys(r["recipe"] for r in results):
         runs = [r for r in results if r["recipe"] == name]
         for r in runs:
-            seed = str(r["seed"]) if r["data"] != "-" else "-"
-            lines.append("| " + " | ".join([name, r["data"], seed, *(f"{r[key]:.4f}" for key in COLUMNS)]) + " |")
+            trained = r["data"] != "-"
+            cells = [f"{r['steps']:,} × {r['batch_size']}" if trained else "-", f"{r['alpha']:g}" if "alpha" in r
+                     else "-", str(r["seed"]) if trained else "-", *(f"{r[key]:.4f}" for key in COLUMNS)]
+            lines.append("| " + " | ".join([name, r["data"], *cells]) + " |")
         if len(runs) > 1:
             cells = [f"**{statistics.mean(v):.4f}** (spread {max(v) - min(v):.4f})"
                      for v in ([r[key] for r in runs] for key in COLUMNS)]
-            lines.append("| " + " | ".join([f"**{name}, mean**", runs[0]["data"], "all", *cells]) + " |")
+            lines.append("| " + " | ".join([f"**{name}, mean**", runs[0]["data"], "", "", "all", *cells]) + " |")
     # The data folders by name only: their place is the reader's own, not this machine's.
+    retrain = " --retrain " + " ".join(f"'{name}'" for name in args.retrain) if args.retrain is not None else ""
     command = (f"python scripts/quality_table.py --quora {args.quora.name} "
                f"--quora-dup-random {args.quora_dup_random.name} --dev-rows {args.dev_rows} --steps {args.steps} "
-               f"--seeds {' '.join(map(str, args.seeds))}")
+               f"--seeds {' '.join(map(str, args.seeds))}{retrain}")
     seconds = statistics.median(r["retrieval_seconds"] for r in results)
     precision = "bf16-mixed" if cpu_has_native_bf16() else "32-true"  # what the recipes' 16-mixed becomes here
-    return (f"{TABLE_START}\nMeasured {time.strftime('%Y-%m-%d')} with torch {torch.__version__} on "
-            f"{describe_machine(machine())}: {args.steps} steps per run, trained in {precision} (what the "
+    dates = ", ".join(sorted({r["measured"] for r in results}))
+    return (f"{TABLE_START}\nMeasured {dates} with torch {torch.__version__} on "
+            f"{describe_machine(machine())}: trained in {precision} (what the "
             f"recipes' 16-mixed becomes on this CPU), scored in fp32. Retrieval over the {corpus:,} dev sentences took "
             f"{seconds:.0f} s per model (median). Made by\n\n    {command}\n\n" + "\n".join(lines) + f"\n{TABLE_END}")
 
