@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from minilm_sts.atomic import write_file_atomically
-from minilm_sts.data.pairs import LABEL_COLUMN_CHOICES, column_names, read_pairs, read_unlabelled_pairs
+from minilm_sts.data.pairs import LABEL_COLUMN_CHOICES, column_names, read_id_columns, read_pairs, read_unlabelled_pairs
 from minilm_sts.data.stackexchange import PAIR_WRITERS, Clusters
 from minilm_sts.errors import UserInputError
 from minilm_sts.evaluation.retrieval import top_k_search
@@ -103,10 +103,9 @@ def read_positive_pairs(source: str, label_scale: float = 1.0,
                         id_columns: Sequence[str] | None = None) -> PositivePairs:
     """Positive pairs are rows labelled >= 1 after dividing by `label_scale`; every row, in a source with no
     label or score column (an (anchor, positive) file, as sentence-transformers mines from). `id_columns` name two
-    columns of question ids: texts that share an id join one cluster, whatever their wording."""
+    columns of question ids (whole numbers or texts): texts that share an id join one cluster, whatever their
+    wording."""
     columns = column_names(source)
-    if id_columns and not set(id_columns) <= set(columns):
-        raise UserInputError(f"{source}: id columns {list(id_columns)} not found; the columns are {columns}")
     if any(name in columns for name in LABEL_COLUMN_CHOICES):
         table = read_pairs(source, label_scale=label_scale)
         rows = list(zip(table.sentences_a, table.sentences_b))
@@ -114,8 +113,8 @@ def read_positive_pairs(source: str, label_scale: float = 1.0,
     else:
         both = read_unlabelled_pairs(source)
         if both is None:
-            raise UserInputError(f"{source}: no sentence columns (sentence_0 and sentence_1, or sentence1 and "
-                                 f"sentence2); the columns are {columns}")
+            raise UserInputError(f"{source}: no sentence columns (sentence_0 and sentence_1, sentence1 and "
+                                 f"sentence2, or anchor and positive); the columns are {columns}")
         rows, positive = list(zip(*both)), [True] * len(both[0])
     pairs = [row for row, is_positive in zip(rows, positive) if is_positive]
     if not pairs:
@@ -125,7 +124,7 @@ def read_positive_pairs(source: str, label_scale: float = 1.0,
     for a, b in pairs:
         clusters.union(cluster_key(a), cluster_key(b))
     if id_columns:
-        _join_by_ids(clusters, rows, read_unlabelled_pairs(source, id_columns))
+        _join_by_ids(clusters, rows, read_id_columns(source, id_columns))
     grouped: dict[str, dict[str, None]] = {}
     for a, b in pairs:
         grouped.setdefault(a, {})[b] = None
@@ -133,7 +132,7 @@ def read_positive_pairs(source: str, label_scale: float = 1.0,
     return PositivePairs(list(grouped), [list(p) for p in grouped.values()], sentences, clusters)
 
 
-def _join_by_ids(clusters: Clusters, rows: list[tuple[str, str]], ids: tuple[list[str], list[str]]) -> None:
+def _join_by_ids(clusters: Clusters, rows: list[tuple[str, str]], ids: list[list[str]]) -> None:
     """Each id's texts join the cluster of the first text seen with it."""
     first_text: dict[str, str] = {}
     for pair, pair_ids in zip(rows, zip(*ids)):

@@ -64,8 +64,10 @@ class PairDataModule(L.LightningDataModule):
             for the packaged STS Benchmark, or `hf:NAME[:CONFIG]:SPLIT` for a Hugging Face dataset. Each may
             also be a list of sources, or a mapping name: source. Several training sets take turns batch by
             batch; several validation sets are each logged as `val/<name>/...`.
-        sentence_columns: the two text columns; by default `sentence_0, sentence_1` or `sentence1, sentence2`.
-        label_column: by default `label` or `score`.
+        sentence_columns: the two text columns, or more: anchor, positive and negatives; by default
+            `sentence_0, sentence_1` or `sentence1, sentence2`, else `anchor, positive` and `negative` or
+            `negative_1 .. negative_k` (an n-tuple set, which only a loss with in-batch negatives trains on).
+        label_column: by default `label` or `score`; an n-tuple set without one has every row labelled 1.
         label_scale: labels are divided by this (5.0 for raw STS-B scores 0-5).
         batch_size: pairs per batch.
         num_workers: DataLoader worker processes.

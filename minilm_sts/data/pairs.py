@@ -243,6 +243,31 @@ def read_unlabelled_pairs(source: str | Source,
     return _checked_sentences(source.text, raw, col_a), _checked_sentences(source.text, raw, col_b)
 
 
+def read_id_columns(source: str | Source, names: Sequence[str]) -> list[list[str]]:
+    """Columns of ids beside the sentences (question ids, say), each id a whole number or a non-empty text, given
+    as text: 7 in a JSON line and "7" in a TSV cell are one id."""
+    source = parse_source(source)
+    raw = _read_raw(source)
+    missing = [name for name in names if name not in raw.columns]
+    if missing:
+        raise PairDataError(f"{source.text}: id columns {missing} not found; the columns are {list(raw.columns)}")
+    columns = []
+    for name in names:
+        values = raw.columns[name]
+        bad = [i for i, value in enumerate(values) if not _is_id(value)]
+        if bad:
+            raise PairDataError(f"{source.text}, {raw.where(bad[0])}, column {name!r}: expected an id (a whole number "
+                                f"or a non-empty text), got {values[bad[0]]!r} ({len(bad)} such row(s) in all)")
+        columns.append([str(value).strip() for value in values])
+    return columns
+
+
+def _is_id(value) -> bool:
+    if isinstance(value, str):
+        return bool(value.strip())
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def is_tuple_set(sentence_columns: Sequence[str]) -> bool:
     """Whether these are an n-tuple source's columns (anchor, positive and negatives), whose rows are all positive
     pairs unless the source has a label column."""

@@ -75,6 +75,39 @@ def test_the_pairs_format_trains_with_cosent(tiny_model_dir, pairs_file, tmp_pat
     assert len(losses) == 2 and all(math.isfinite(value) for value in losses)
 
 
+def test_the_triplets_train_with_mnrl_and_known_duplicates_masked(tiny_model_dir, pairs_file, tmp_path, monkeypatch):
+    """As the README gives it: the triplets file as it is written, read as n-tuples, trained by mnrl on its
+    negatives with each sentence's duplicate cluster in the batch."""
+    mine(pairs_file, "--output", tmp_path / "mined.tsv", "--num-negatives", "2", model=tiny_model_dir)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["minilm_sts"])
+    main(["fit", "--model.pretrained", str(tiny_model_dir), "--data.train_path", str(tmp_path / "mined.tsv"),
+          "--data.val_path", str(pairs_file), "--data.batch_size", "2", "--model.loss", "mnrl",
+          "--model.loss_params", "{mask_known_duplicates: true}", "--trainer.max_steps", "2",
+          "--trainer.log_every_n_steps", "1", "--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
+          "--trainer.logger.save_dir", str(tmp_path), "--trainer.enable_progress_bar", "false",
+          "--data.forgetting_guard", "false"])
+    metrics = next(tmp_path.rglob("metrics.csv")).read_text().splitlines()
+    column = metrics[0].split(",").index("train/loss")
+    losses = [float(row.split(",")[column]) for row in metrics[1:] if row.split(",")[column]]
+    assert len(losses) == 2 and all(math.isfinite(value) and value > 0 for value in losses)
+
+
+def test_whole_number_id_columns_of_json_lines_join_clusters(tiny_model_dir, pairs_file, tmp_path):
+    """POOL[5] shares POOL[0]'s question id 1 (as a JSON number), so no anchor of that cluster gets it."""
+    header = ("sentence_0", "sentence_1", "label")
+    ids = [(1, 2), (2, 11), (3, 4), (5, 10), (1, 7), (8, 9), (12, 1)]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps({**dict(zip(header, row)), "qid1": a, "qid2": b}) + "\n"
+                            for row, (a, b) in zip(read_rows(pairs_file), ids) for row in [row.values()]))
+    negatives = {}
+    for name, options in (("plain", []), ("ids", ["--id-columns", "qid1", "qid2"])):
+        mine(path, "--output", tmp_path / f"{name}.tsv", "--num-negatives", "2", *options, model=tiny_model_dir)
+        rows = read_rows(tmp_path / f"{name}.tsv")[:2]  # the anchors of cluster {0, 1, 10}, which POOL[5] joins
+        negatives[name] = {row[f"negative_{i}"] for row in rows for i in (1, 2)}
+    assert POOL[5] in negatives["plain"] and POOL[5] not in negatives["ids"]
+
+
 def test_random_sampling_writes_the_same_file_twice(tiny_model_dir, pairs_file, tmp_path):
     for name, seed in (("first.tsv", ["--seed", "3"]), ("second.tsv", ["--seed", "3"]), ("42.tsv", ["--seed", "42"]),
                        ("default.tsv", [])):
@@ -128,7 +161,8 @@ def test_an_existing_output_is_kept_unless_overwrite(tiny_model_dir, pairs_file,
 @pytest.mark.parametrize("args, message", [
     (["{tmp}/missing.tsv"], "missing.tsv: file not found"),
     (["{labels_0}"], "no positive pairs (label >= 1 after dividing by label_scale=1)"),
-    (["{no_columns}"], "no sentence columns (sentence_0 and sentence_1, or sentence1 and sentence2)"),
+    (["{no_columns}"], "no sentence columns (sentence_0 and sentence_1, sentence1 and sentence2, or anchor and "
+                       "positive)"),
     (["{pairs}", "--num-negatives", "0"], "num_negatives must be at least 1, got 0"),
     (["{pairs}", "--range-min", "2", "--range-max", "4"], "the rank range [2, 4) holds fewer than num_negatives=3"),
     (["{pairs}", "--relative-margin", "-0.05"], "relative_margin must be a number >= 0, got -0.05"),

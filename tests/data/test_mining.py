@@ -2,7 +2,9 @@
 vector is `cosine` times the anchor's direction plus a direction of its own, so its score against the anchor is
 exactly what the test says."""
 
+import json
 import math
+import re
 from importlib.metadata import version
 
 import pytest
@@ -117,6 +119,26 @@ def test_id_columns_make_texts_of_one_question_one_sentence(tmp_path):
     assert negatives(read_positive_pairs(path), cosines, num_negatives=2) == [["P2", "N79"]]
     assert negatives(read_positive_pairs(path, id_columns=["qid1", "qid2"]), cosines, num_negatives=2) == [
         ["N79", "N75"]]
+
+
+def test_id_columns_of_whole_numbers_in_json_lines_are_ids_as_texts_are(tmp_path):
+    """JSON gives 2 where a TSV gives "2"; both are P's question id, in one file too."""
+    rows = [["A", "P", 1, "2", 1.0], ["P2", "N79", 2, 3, 0.0], ["N75", "N50", 4, 5, 0.0]]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(dict(zip(["sentence_0", "sentence_1", "qid1", "qid2", "label"], row))) + "\n"
+                            for row in rows))
+    pairs = read_positive_pairs(str(path), id_columns=["qid1", "qid2"])
+    assert negatives(pairs, {**COSINES, "P2": 0.85}, num_negatives=2) == [["N79", "N75"]]
+
+
+@pytest.mark.parametrize("bad", [None, "", 2.5, True])
+def test_an_id_that_is_no_whole_number_or_text_names_its_line_and_column(tmp_path, bad):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps({"sentence_0": "A", "sentence_1": "P", "qid1": 1, "qid2": 2, "label": 1}) + "\n"
+                    + json.dumps({"sentence_0": "B", "sentence_1": "C", "qid1": 3, "qid2": bad, "label": 0}) + "\n")
+    with pytest.raises(UserInputError, match=rf"pairs\.jsonl, line 2, column 'qid2': expected an id \(a whole number "
+                                             rf"or a non-empty text\), got {re.escape(repr(bad))} \(1 such row"):
+        read_positive_pairs(str(path), id_columns=["qid1", "qid2"])
 
 
 def test_texts_that_differ_only_in_case_and_spacing_are_one_sentence_of_a_cluster(tmp_path):
