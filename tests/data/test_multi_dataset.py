@@ -87,9 +87,10 @@ def test_each_training_set_trains_with_its_own_loss(tiny_model_dir, pair_files, 
     calls = []
 
     def recording(name, loss):
-        def record(u, v, labels):
+        def record(u, v, labels, **step_inputs):
             calls.append((name, labels.clone()))
-            return loss(u, v, labels)
+            return loss(u, v, labels, **step_inputs)
+        record.inputs, record.mini_batch_size = loss.inputs, loss.mini_batch_size  # what the step asks of a loss
         return record
 
     model._losses = {name: recording(name, loss) for name, loss in model._losses.items()}
