@@ -19,7 +19,11 @@ ST_LOSSES = {
     "cosent": ("CoSENTLoss", {"similarity_fct": "pairwise_cos_sim"}),
     "angle": ("AnglELoss", {"similarity_fct": "pairwise_angle_sim"}),
     "mnrl": ("MultipleNegativesRankingLoss", {"similarity_fct": "cos_sim"}),
+    "gist": ("GISTEmbedLoss", {"guide": "the base model (minilm_sts `pretrained`)"}),
 }
+# Options of ours (or of only some sentence-transformers versions) that the card names only when a run sets them,
+# so a card of a run without them reads as it did before they existed.
+SHOWN_WHEN_SET = ("mask_known_duplicates", "gather_across_devices", "mini_batch_size")
 DEFAULT_MONITOR = {"key": "val/spearman_cosine", "mode": "max"}
 CORRELATION_TEXT = ("Pearson and Spearman correlation of cosine similarity with the gold label "
                     "(as sentence-transformers' EmbeddingSimilarityEvaluator)")
@@ -77,12 +81,15 @@ def render_deployment(parity) -> str:
 
 def loss_description(name: str, given: dict) -> tuple[str, dict]:
     """A loss as sentence-transformers' class name and the parameters it ran with (defaults filled in): mnrl
-    with `symmetric` is MultipleNegativesSymmetricRankingLoss."""
-    defaults = {key: p.default for key, p in LOSSES[name].parameters().items()}
+    with `symmetric` is MultipleNegativesSymmetricRankingLoss, and a loss with a `mini_batch_size` (GradCache) is
+    its Cached class."""
+    defaults = {key: p.default for key, p in LOSSES[name].parameters().items() if key not in SHOWN_WHEN_SET}
     parameters = {**defaults, **given}
     class_name, extra = ST_LOSSES[name]
     if parameters.pop("symmetric", False):
         class_name = "MultipleNegativesSymmetricRankingLoss"
+    if parameters.get("mini_batch_size"):
+        class_name = f"Cached{class_name}"
     return class_name, {**parameters, **extra}
 
 
@@ -260,8 +267,10 @@ def _dataset_block(d: dict, h) -> str:
     loss = _set_loss(h, d)
     left_out = (f" ({d['left_out']:,} rows labelled 0 left out: {loss[0]} uses positive pairs only)"
                 if d.get("left_out") else "")
-    block = (f"- Source: `{d['source']}`\n- Size: {d['size']:,} pairs{left_out}\n"
-             f"- Columns: `{a}`, `{b}` and `{label}`\n"
+    negatives = d.get("negative_columns") or []
+    rows = f"rows ({d['format']})" if negatives else "pairs"
+    block = (f"- Source: `{d['source']}`\n- Size: {d['size']:,} {rows}{left_out}\n"
+             f"- Columns: `{a}`, `{b}`{''.join(f', `{n}`' for n in negatives)} and `{label}`\n"
              f"- Approximate statistics based on the first {d['stats_rows']} samples "
              "(tokens include [CLS] and [SEP]):\n\n"
              + "\n".join(stats) + "\n\n- Samples:\n\n" + "\n".join(samples))

@@ -178,7 +178,7 @@ class SentenceEncoderTraining(L.LightningModule):
             losses = self.losses_for(train_sets) if train_sets else {}
             data.tokenize_with(data.tokenizer or self.tokenizer, data.max_seq_length or self.max_seq_length,
                                [name for name, loss in losses.items() if LOSSES[loss].in_batch_negatives],
-                               self._batch_layout())
+                               self._batch_layout(), losses=losses)
         own = [callback for callback in self._callbacks if callback not in self.trainer.callbacks]
         return own + loss_showing_bars(self.trainer)
 

@@ -97,6 +97,8 @@ def test_every_metric_of_every_set_and_the_monitored_one_in_bold(tiny_model_dir,
     ("mnrl", None, "MultipleNegativesRankingLoss", {"scale": 20.0, "similarity_fct": "cos_sim"}),
     ("mnrl", {"symmetric": True, "scale": 5}, "MultipleNegativesSymmetricRankingLoss",
      {"scale": 5, "similarity_fct": "cos_sim"}),
+    ("mnrl", {"mini_batch_size": 4, "mask_known_duplicates": True}, "CachedMultipleNegativesRankingLoss",
+     {"scale": 20.0, "mini_batch_size": 4, "mask_known_duplicates": True, "similarity_fct": "cos_sim"}),
 ])
 def test_the_card_names_the_loss_its_parameters_and_the_rows_left_out(tiny_model_dir, pair_files, tmp_path, loss,
                                                                        params, class_name, stated):
@@ -121,3 +123,18 @@ def test_the_card_names_the_loss_its_parameters_and_the_rows_left_out(tiny_model
     else:
         assert "- Size: 40 pairs\n" in card and "left out" not in card
     assert f"`loss`: {loss}" in card
+
+
+def test_the_card_of_a_triplet_set_names_its_negative_columns(tiny_model_dir, pair_files, tmp_path):
+    graded = read_pairs(str(pair_files["train"]))
+    triplets = [[a, b, graded.sentences_b[(i + 1) % len(graded)]]
+                for i, (a, b) in enumerate(zip(graded.sentences_a, graded.sentences_b))]
+    train = write_tsv(tmp_path / "triplets.tsv", triplets, header=("anchor", "positive", "negative"))
+    L.seed_everything(0)
+    model = SentenceEncoderTraining(pretrained=str(tiny_model_dir), loss="mnrl")
+    trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        num_sanity_val_steps=0)
+    trainer.fit(model, PairDataModule(str(train), str(pair_files["val"]), None, batch_size=8))
+    card = render_model_card(model.hparams, attached(trainer, RunRecord).record)
+    assert f"- Size: {len(triplets)} rows (n-tuple with 1 negative(s): anchor, positive and negative)" in card
+    assert "- Columns: `anchor`, `positive`, `negative` and `label`\n" in card
