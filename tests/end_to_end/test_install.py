@@ -57,7 +57,7 @@ def test_a_recipe_name_that_is_neither_a_file_nor_packaged_is_one_error_line(tmp
     result = cli("fit", "--config", "duplicats", cwd=tmp_path, check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().startswith("error: --config duplicats: no such file, and no packaged recipe")
-    assert "duplicates, stackexchange, stackexchange_fit, stsb" in result.stderr
+    assert "duplicates, duplicates_mined, stackexchange, stackexchange_fit, stsb" in result.stderr
 
 
 def test_every_recipe_in_configs_is_the_packaged_one():
