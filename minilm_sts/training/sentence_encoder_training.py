@@ -227,7 +227,7 @@ class SentenceEncoderTraining(L.LightningModule):
 
     @staticmethod
     def _loss_of_embeddings(loss: BoundLoss, embeddings: torch.Tensor, guide: Optional[torch.Tensor], batch: dict,
-               metrics: dict) -> torch.Tensor:
+                            metrics: dict) -> torch.Tensor:
         """`loss` of the batch's column-major embeddings (anchors, positives, then any negative columns)."""
         rows = len(batch["labels"])
         return loss(embeddings[:rows], embeddings[rows : 2 * rows], batch["labels"],

@@ -46,7 +46,7 @@ class SplitEvaluation(L.Callback):
         if not indices:  # no batch was scored
             return
         names = _set_names(trainer, stage, len(indices))
-        sets = {name: _with_retrieval(trainer, pl_module, stage, name, self._scores.pop((stage, index)).compute())
+        sets = {name: with_retrieval(trainer, pl_module, stage, name, self._scores.pop((stage, index)).compute())
                 for name, index in zip(names, indices)}
         pl_module.latest_evaluation[stage] = sets
         logged = {f"{stage}/{metric}": value for metric, value in next(iter(sets.values())).metrics.items()}
@@ -59,7 +59,7 @@ class SplitEvaluation(L.Callback):
 RETRIEVAL_PROGRESS_FROM = 20_000  # corpus sentences: from here on, embedding the corpus shows a progress bar
 
 
-def _with_retrieval(trainer: L.Trainer, pl_module: L.LightningModule, stage: str, name: str,
+def with_retrieval(trainer: L.Trainer, pl_module: L.LightningModule, stage: str, name: str,
                     scored: ScoredSet) -> ScoredSet:
     """The set's scores plus its duplicate-retrieval metrics when the data module has a retrieval task for it.
 

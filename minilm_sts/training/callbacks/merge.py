@@ -18,7 +18,7 @@ from minilm_sts.errors import UserInputError
 from minilm_sts.evaluation.pair_scores import PairScores
 from minilm_sts.model.checkpoint import ENCODER_PREFIX
 from minilm_sts.model.sentence_encoder import SentenceEncoder
-from minilm_sts.training.callbacks.evaluation import _with_retrieval
+from minilm_sts.training.callbacks.evaluation import with_retrieval
 from minilm_sts.training.callbacks.run_record import RunRecord
 from minilm_sts.training.run_folder import checkpoint_folder
 
@@ -159,7 +159,7 @@ def score_validation(trainer: L.Trainer, pl_module: L.LightningModule) -> dict[s
             for index, batch in enumerate(loader):
                 batch = trainer.strategy.batch_to_device(batch)
                 scores.update(pl_module.validation_step(batch, index), batch["labels"], batch["indices"])
-        sets[name] = _with_retrieval(trainer, pl_module, "val", name, scores.compute()).metrics
+        sets[name] = with_retrieval(trainer, pl_module, "val", name, scores.compute()).metrics
     pl_module.train(was_training)
     return sets
 
